@@ -1,0 +1,24 @@
+"""accum_keras: train Keras 3 models with the batch size you want on the memory you have.
+
+Public API:
+- `AccumulatingModel`: mixin for `keras.Model` subclasses.
+- `Model`, `Sequential`: functional and sequential models that accumulate.
+- `AccumulationCallback`: learning rate for the effective batch, a schedule for
+  the number of accumulation steps, and logs of the effective batch size.
+- `ScaledLearningRate`: the learning-rate schedule the callback installs.
+"""
+
+from accum_keras._callback import AccumulationCallback
+from accum_keras._model import AccumulatingModel, Model, Sequential
+from accum_keras._schedules import ScaledLearningRate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccumulatingModel",
+    "AccumulationCallback",
+    "Model",
+    "ScaledLearningRate",
+    "Sequential",
+    "__version__",
+]

@@ -1,0 +1,54 @@
+"""Validation of user-facing settings, shared by the model and the callback."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+
+def check_accumulation_steps(value: Any, name: str = "accumulation_steps") -> int:
+    """Returns ``value`` as an int if it is an integer >= 1, else raises.
+
+    Args:
+        value: the candidate number of micro-batches per update.
+        name: the argument name used in the error message.
+
+    Returns:
+        ``int(value)``.
+
+    Raises:
+        TypeError: for bools, floats and other non-integers.
+        ValueError: for integers below 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be an int >= 1 (the number of micro-batches per "
+            f"optimizer update). Received: {name}={value!r} of type "
+            f"{type(value).__name__}."
+        )
+    if value < 1:
+        raise ValueError(
+            f"`{name}` must be an int >= 1 (the number of micro-batches per "
+            f"optimizer update). Received: {name}={value!r}."
+        )
+    return int(value)
+
+
+def check_optimizer_does_not_accumulate(optimizer: Any) -> None:
+    """Rejects an optimizer that accumulates gradients itself.
+
+    Keras' built-in ``gradient_accumulation_steps`` on top of the model's
+    window would accumulate twice (k * k' micro-batches per update, with the
+    built-in's per-micro-batch averaging).
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    for candidate in (optimizer, inner):
+        steps = getattr(candidate, "gradient_accumulation_steps", None)
+        if steps:
+            raise ValueError(
+                "The optimizer passed to `compile()` already accumulates "
+                f"gradients (gradient_accumulation_steps={steps}). An "
+                "AccumulatingModel accumulates itself: create the optimizer "
+                "without `gradient_accumulation_steps` and set the model's "
+                "`accumulation_steps` instead."
+            )

@@ -1,0 +1,286 @@
+"""`AccumulatingModel`: a `keras.Model` mixin whose `fit()` accumulates gradients.
+
+The mixin owns the life of a window around Keras' own training loop:
+- ``make_train_function`` builds the window state for the current trainable
+  variables and wraps the compiled losses so their divisors are recorded;
+- ``train_step`` (per backend, in ``accum_keras._backends``) accumulates one
+  micro-batch and applies the window when it holds ``accumulation_steps``;
+- at the end of every training epoch, before validation, a short last window
+  is applied, exactly as ``fit()`` on the big batch applies a short last
+  batch; ``compile()`` applies a pending window with the optimizer that
+  accumulated it before replacing it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import keras
+from keras import ops
+
+from accum_keras import _loss_terms
+from accum_keras._config import (
+    check_accumulation_steps,
+    check_optimizer_does_not_accumulate,
+)
+from accum_keras._state import AccumulationState
+
+_SUPPORTED_BACKENDS = ("tensorflow",)
+
+
+def _backend_module():
+    name = keras.backend.backend()
+    if name not in _SUPPORTED_BACKENDS:
+        raise NotImplementedError(
+            f"accum_keras does not support the Keras backend {name!r} yet. "
+            f"Supported backends: {', '.join(_SUPPORTED_BACKENDS)}."
+        )
+    return importlib.import_module(f"accum_keras._backends.{name}")
+
+
+class AccumulatingModel:
+    """Mixin for `keras.Model`: one optimizer update per `accumulation_steps` micro-batches.
+
+    Put it before the Keras model class in the bases. ``fit()`` then trains on
+    micro-batches (the ``batch_size`` you pass, or your dataset's batches) and
+    applies one optimizer update per window of ``accumulation_steps``
+    micro-batches, with the update the big batch of the whole window would
+    make: losses are normalized over the whole window (masks, sample weights,
+    ``mean_with_sample_weight``, short last windows), and learning-rate
+    schedules, clipping, weight decay and EMA advance once per update.
+
+    Losses computed by the model itself (an overridden ``compute_loss``, or
+    only ``add_loss``) are read as means over the micro-batch's samples.
+
+    Args:
+        accumulation_steps: int >= 1, micro-batches per optimizer update.
+            1 trains exactly like plain Keras. Can be reassigned between
+            epochs or ``fit()`` calls without recompiling.
+        *args, **kwargs: passed to the Keras model class.
+
+    Example:
+
+    ```python
+    class Net(accum_keras.AccumulatingModel, keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    net = Net(accumulation_steps=8)
+    net.compile(optimizer="adam", loss="mse")
+    net.fit(x, y, batch_size=4)      # updates with the gradient of batch 32
+    ```
+    """
+
+    def __init__(self, *args, accumulation_steps: int = 1, **kwargs):
+        steps = check_accumulation_steps(accumulation_steps)
+        super().__init__(*args, **kwargs)
+        self._accumulation_steps = steps
+        self._accumulation_state = AccumulationState()
+        self._accumulation_apply_function = None
+        self._accumulation_fitting = False
+        self._accumulation_evaluating = False
+
+    # -- configuration -----------------------------------------------------
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer update (int >= 1)."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, value: int) -> None:
+        value = check_accumulation_steps(value)
+        previous = self._accumulation_steps
+        if value == previous:
+            return
+        if value == 1:
+            self._apply_pending_window()
+        self._accumulation_steps = value
+        state = self._accumulation_state
+        if state.built:
+            state.accumulation_steps.assign(value)
+        if (previous == 1) != (value == 1) and self.train_function is not None:
+            # The plain-Keras step and the accumulating step are different
+            # programs; `fit()` looks the function up before every step, so
+            # replacing it here takes effect at the next step.
+            self.make_train_function(force=True)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["accumulation_steps"] = self._accumulation_steps
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: dict | None = None):
+        config = dict(config)
+        steps = config.pop("accumulation_steps", 1)
+        if "layers" not in config:
+            # A subclassed model: its constructor takes the argument.
+            return cls(accumulation_steps=steps, **config)
+        model = super().from_config(config, custom_objects=custom_objects)
+        model.accumulation_steps = steps
+        return model
+
+    # -- compile / fit / evaluate hooks ------------------------------------
+
+    def compile(self, *args, **kwargs):
+        if getattr(self, "optimizer", None) is not None:
+            self._apply_pending_window()
+        super().compile(*args, **kwargs)
+        check_optimizer_does_not_accumulate(self.optimizer)
+        self._accumulation_apply_function = None
+
+    def fit(self, *args, **kwargs):
+        _move_accumulation_callbacks_first(args, kwargs)
+        self._accumulation_fitting = True
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self._accumulation_fitting = False
+
+    def evaluate(self, *args, **kwargs):
+        evaluating, self._accumulation_evaluating = self._accumulation_evaluating, True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._accumulation_evaluating = evaluating
+
+    def _get_metrics_result_or_logs(self, logs):
+        # Keras calls this right after the last training step of an epoch,
+        # before validation and `on_epoch_end`: the one place where the big
+        # batch's short last batch would already have been applied.
+        if self._accumulation_fitting and not self._accumulation_evaluating:
+            self._apply_pending_window()
+        return super()._get_metrics_result_or_logs(logs)
+
+    def make_train_function(self, force: bool = False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        self._prepare_accumulation()
+        return super().make_train_function(force=force)
+
+    # -- the step ----------------------------------------------------------
+
+    def train_step(self, data):
+        if self._accumulation_steps == 1:
+            return self._plain_train_step(data)
+        return _backend_module().train_step(self, data)
+
+    def _plain_train_step(self, data):
+        logs = super().train_step(data)
+        state = self._accumulation_state
+        if state.built:
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+            samples = _backend_module().num_samples(x)
+            state.last_update_samples.assign(ops.cast(samples, "int32"))
+            state.samples_seen.assign_add(ops.cast(samples, "float32"))
+        return logs
+
+    # -- window life -------------------------------------------------------
+
+    def _prepare_accumulation(self) -> None:
+        """Builds the window state before `fit()` traces the step (eager)."""
+        backend = _backend_module()
+        state = self._accumulation_state
+        with backend.distribution_scope(self):
+            state.build_scalars(self._accumulation_steps)
+            state.accumulation_steps.assign(self._accumulation_steps)
+            if (
+                self.built
+                and self._accumulation_steps > 1
+                and not state.follows(self.trainable_variables)
+            ):
+                self._apply_pending_window()
+                state.follow(self.trainable_variables)
+        _loss_terms.install_recorders(self._compile_loss)
+        self._accumulation_apply_function = None
+
+    def _prepare_accumulation_while_tracing(self, data) -> None:
+        """Finishes what `_prepare_accumulation` could not do before tracing.
+
+        Without a distribution strategy Keras builds the model, the compiled
+        loss and the optimizer on the first trace of the step; the window needs
+        them before the step runs (the optimizer's slots cannot be created
+        inside the conditional update), so they are built here, symbolically.
+        """
+        compile_loss = self._compile_loss
+        if (
+            not self.built
+            or (compile_loss is not None and not compile_loss.built)
+            or not self.optimizer.built
+        ):
+            self._symbolic_build(data_batch=data)
+        if not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        state = self._accumulation_state
+        with _backend_module().distribution_scope(self):
+            state.build_scalars(self._accumulation_steps)
+            state.follow(self.trainable_variables)
+        _loss_terms.install_recorders(compile_loss)
+
+    def _apply_pending_window(self) -> bool:
+        """Applies a partially filled window now.
+
+        Returns:
+            Whether a window was applied.
+        """
+        state = self._accumulation_state
+        if not state.built or int(ops.convert_to_numpy(state.micro_step)) == 0:
+            return False
+        if self._accumulation_apply_function is None:
+            self._accumulation_apply_function = _backend_module().make_apply_function(self)
+        self._accumulation_apply_function()
+        return True
+
+    @property
+    def pending_micro_steps(self) -> int:
+        """Micro-batches accumulated in the open window (0 between windows)."""
+        state = self._accumulation_state
+        if not state.built:
+            return 0
+        return int(ops.convert_to_numpy(state.micro_step))
+
+
+def _move_accumulation_callbacks_first(args: tuple, kwargs: dict) -> None:
+    """Lets `AccumulationCallback` write its logs before other callbacks read them."""
+    from accum_keras._callback import AccumulationCallback
+
+    callbacks = kwargs.get("callbacks")
+    if callbacks is None or isinstance(callbacks, keras.callbacks.CallbackList):
+        return
+    callbacks = list(callbacks)
+    first = [c for c in callbacks if isinstance(c, AccumulationCallback)]
+    rest = [c for c in callbacks if not isinstance(c, AccumulationCallback)]
+    kwargs["callbacks"] = first + rest
+
+
+@keras.saving.register_keras_serializable(package="accum_keras")
+class Model(AccumulatingModel, keras.Model):
+    """A functional `keras.Model` that accumulates gradients.
+
+    Example:
+
+    ```python
+    inputs = keras.Input((16,))
+    outputs = keras.layers.Dense(1)(inputs)
+    model = accum_keras.Model(inputs, outputs, accumulation_steps=8)
+    ```
+    """
+
+
+@keras.saving.register_keras_serializable(package="accum_keras")
+class Sequential(AccumulatingModel, keras.Sequential):
+    """A `keras.Sequential` that accumulates gradients.
+
+    Example:
+
+    ```python
+    model = accum_keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(1)], accumulation_steps=8
+    )
+    ```
+    """

@@ -1,0 +1,136 @@
+"""The training state a window keeps between micro-batches.
+
+Like an optimizer's slots, this state is training state, not model weights: it
+is not in ``model.weights`` (a plain Keras model with the same layers accepts
+the trained weights), but Keras' saving walks the model's attributes and finds
+it, so ``model.save``, ``save_weights`` and ``BackupAndRestore`` keep it and a
+resumed run continues exactly, even mid-window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import keras
+from keras.src.saving.keras_saveable import KerasSaveable
+
+_SCALARS = (
+    # name, dtype
+    ("micro_step", "int32"),
+    ("window_divisor", "float32"),
+    ("reference_divisor", "float32"),
+    ("window_samples", "int32"),
+    ("last_update_samples", "int32"),
+    ("samples_seen", "float32"),
+)
+
+
+class AccumulationState(KerasSaveable):
+    """Accumulators and counters of the open window.
+
+    Attributes:
+        gradients: one float32 accumulator per trainable variable, in the order
+            of ``model.trainable_variables``. Holds the sum of the gradients of
+            the window's accumulation objectives (see `accum_keras._window`).
+        accumulated_variables: the trainable variables `gradients` belong to.
+        micro_step: micro-batches accumulated in the open window.
+        window_divisor: ``T``, the sum of the open window's loss divisors.
+        reference_divisor: ``D_ref``, the divisor of the window's first
+            micro-batch (1 when it was 0).
+        window_samples: samples in the open window.
+        last_update_samples: samples of the last applied window, i.e. the
+            effective batch size of the last update.
+        samples_seen: samples trained on since the model was created (float32,
+            for logging).
+        accumulation_steps: ``k``, read by the compiled step so that it can be
+            changed without retracing.
+    """
+
+    def __init__(self):
+        self.gradients: list[Any] = []
+        self.accumulated_variables: list[Any] = []
+        self._variable_ids: list[int] = []
+        self._scalars_built = False
+
+    def _obj_type(self):
+        return "AccumulationState"
+
+    @property
+    def built(self) -> bool:
+        return self._scalars_built
+
+    def build_scalars(self, accumulation_steps: int) -> None:
+        """Creates the counters; call inside the model's distribution scope."""
+        if self._scalars_built:
+            return
+        for name, dtype in _SCALARS:
+            setattr(self, name, _zeros((), dtype, name))
+        self.accumulation_steps = keras.Variable(
+            accumulation_steps, dtype="int32", trainable=False, name="accumulation_steps"
+        )
+        self._scalars_built = True
+
+    def follow(self, trainable_variables: Iterable[Any]) -> bool:
+        """Makes `gradients` match ``trainable_variables``.
+
+        Accumulators of variables that stopped being trainable are dropped,
+        new trainable variables get a zero accumulator and the others are kept.
+
+        Returns:
+            Whether anything changed.
+        """
+        trainable_variables = list(trainable_variables)
+        wanted = [id(v) for v in trainable_variables]
+        if wanted == self._variable_ids:
+            return False
+        existing = dict(zip(self._variable_ids, self.gradients))
+        self.gradients = [
+            existing[id(v)]
+            if id(v) in existing
+            else _zeros(v.shape, "float32", _accumulator_name(v))
+            for v in trainable_variables
+        ]
+        self._variable_ids = wanted
+        self.accumulated_variables = trainable_variables
+        return True
+
+    def follows(self, trainable_variables: Iterable[Any]) -> bool:
+        return [id(v) for v in trainable_variables] == self._variable_ids
+
+    def variables(self) -> list[Any]:
+        scalars = [getattr(self, name) for name, _ in _SCALARS] if self.built else []
+        return scalars + list(self.gradients)
+
+    def save_own_variables(self, store) -> None:
+        for name, _ in _SCALARS if self.built else ():
+            store[name] = getattr(self, name).numpy()
+        for index, accumulator in enumerate(self.gradients):
+            store[f"gradient_{index}"] = accumulator.numpy()
+
+    def load_own_variables(self, store) -> None:
+        if not self.built:
+            raise ValueError(
+                "The accumulation state must be built before loading it; build the model first."
+            )
+        saved_gradients = sorted(k for k in store.keys() if k.startswith("gradient_"))
+        if len(saved_gradients) != len(self.gradients):
+            raise ValueError(
+                f"The saved accumulation state has {len(saved_gradients)} "
+                f"accumulators but the model has {len(self.gradients)} trainable "
+                "variables. Load it into a model with the same trainable variables."
+            )
+        for name, _ in _SCALARS:
+            if name in store.keys():
+                getattr(self, name).assign(store[name])
+        for index, accumulator in enumerate(self.gradients):
+            accumulator.assign(store[f"gradient_{index}"])
+
+
+def _zeros(shape, dtype: str, name: str):
+    return keras.Variable(initializer="zeros", shape=shape, dtype=dtype, trainable=False, name=name)
+
+
+def _accumulator_name(variable: Any) -> str:
+    name: str | None = getattr(variable, "name", None)
+    return f"accumulated_{name or 'gradient'}"

@@ -1,0 +1,135 @@
+"""Backend-neutral window arithmetic: how micro-batch losses add up to the big batch.
+
+A window is the run of micro-batches that ends in one optimizer update. The big
+batch made of the window's micro-batches ``n = 1..m`` has the loss
+
+    L = sum_n S_n / T_m + R,        T_m = sum_n D_n,
+
+where ``S_n`` is micro-batch ``n``'s unnormalized loss sum, ``D_n`` its Keras
+divisor (number of loss elements, valid mask entries or sum of sample weights)
+and ``R`` the regularization and `add_loss` terms. Keras hands us
+``L_n = S_n / D_n + R_n`` per micro-batch, so the exact window gradient is
+
+    grad L = sum_n D_n * grad L_n / T_m
+
+(``R``'s gradient is the same on every micro-batch of a window, so weighting it
+by ``D_n / T_m`` counts it exactly once). Each micro-step therefore
+differentiates the *accumulation objective* ``(D_n / D_ref) * L_n`` and adds the
+gradient to the accumulators; the window is applied with the gradient scaled by
+``D_ref / T_m``. ``D_ref`` is the first micro-batch's divisor, which keeps the
+accumulated values the size of an ordinary micro-batch gradient (important for
+float16). Loss terms with a ``"sum"`` reduction are not normalized by the big
+batch either: their objective weight is ``T_n / D_ref``, exact when a model has
+only such terms.
+
+Everything here is expressed in `keras.ops`, so every backend shares it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from keras import ops
+
+from accum_keras._loss_terms import LossTerm
+
+
+@dataclasses.dataclass
+class MicroBatchWeights:
+    """How one micro-batch enters its window.
+
+    Attributes:
+        objective: the scalar to differentiate (its gradient is accumulated).
+        divisor: ``D_n``, added to the window divisor.
+        reference_divisor: ``D_ref`` of the window after this micro-batch.
+    """
+
+    objective: Any
+    divisor: Any
+    reference_divisor: Any
+
+
+def micro_batch_divisor(
+    terms: Sequence[LossTerm], num_samples: Any, is_first_in_window: Any
+) -> Any:
+    """The divisor ``D_n`` of one micro-batch.
+
+    Args:
+        terms: the compiled loss terms recorded for the micro-batch (empty when
+            the model computes its loss itself).
+        num_samples: number of samples in the micro-batch.
+        is_first_in_window: boolean tensor, whether this micro-batch opens a
+            window.
+
+    Returns:
+        A float32 scalar: the sum of the normalized terms' divisors; the
+        sample count for a loss computed by the model itself (read as a mean
+        over samples); for models whose terms all use a ``"sum"`` reduction,
+        1 on the first micro-batch of a window and 0 after it, so that the
+        window divisor stays 1.
+    """
+    samples = ops.cast(num_samples, "float32")
+    normalized = [term for term in terms if term.normalized]
+    if normalized:
+        divisors = [
+            samples if term.divisor is None else ops.cast(term.divisor, "float32")
+            for term in normalized
+        ]
+        return sum(divisors[1:], divisors[0])
+    if terms:
+        return ops.cast(is_first_in_window, "float32")
+    return samples
+
+
+def micro_batch_weights(
+    loss: Any,
+    terms: Sequence[LossTerm],
+    num_samples: Any,
+    window_divisor: Any,
+    reference_divisor: Any,
+    is_first_in_window: Any,
+) -> MicroBatchWeights:
+    """Builds the accumulation objective of one micro-batch.
+
+    Args:
+        loss: the micro-batch loss exactly as Keras computes it.
+        terms: the recorded compiled loss terms (see `micro_batch_divisor`).
+        num_samples: number of samples in the micro-batch.
+        window_divisor: ``T_{n-1}``, the window divisor before this micro-batch.
+        reference_divisor: the window's ``D_ref`` so far (ignored on the first
+            micro-batch).
+        is_first_in_window: boolean tensor.
+
+    Returns:
+        A `MicroBatchWeights`.
+    """
+    divisor = micro_batch_divisor(terms, num_samples, is_first_in_window)
+    reference = ops.where(
+        is_first_in_window,
+        ops.where(divisor > 0, divisor, ops.ones_like(divisor)),
+        reference_divisor,
+    )
+    loss = ops.cast(loss, "float32")
+    unnormalized = [
+        ops.cast(term.weighted_value, "float32") for term in terms if not term.normalized
+    ]
+    if unnormalized:
+        summed = sum(unnormalized[1:], unnormalized[0])
+        new_window_divisor = window_divisor + divisor
+        objective = (divisor * (loss - summed) + new_window_divisor * summed) / reference
+    else:
+        objective = loss * (divisor / reference)
+    return MicroBatchWeights(objective, divisor, reference)
+
+
+def update_scale(window_divisor: Any, reference_divisor: Any) -> Any:
+    """The factor ``D_ref / T_m`` turning accumulators into the window gradient.
+
+    A window whose divisor is zero (every loss element masked) yields 0,
+    like Keras' ``divide_no_nan``.
+    """
+    return ops.divide_no_nan(
+        ops.cast(reference_divisor, "float32"), ops.cast(window_divisor, "float32")
+    )

@@ -1,0 +1,71 @@
+"""Shared test helpers: twin models and the independent big-batch reference.
+
+Every exactness test trains two models from the same initial weights on the
+same data order: an accumulating model on micro-batches, and a *plain Keras*
+model (no accum_keras code involved) on the big batch. The plain model is the
+reference.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+import accum_keras
+
+# float32 round-off, relative to the largest weight.
+RTOL = 2e-6
+
+
+def max_relative_difference(weights_a, weights_b) -> float:
+    """Largest absolute weight difference divided by the largest weight."""
+    largest = max(float(np.abs(w).max()) for w in weights_b)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(weights_a, weights_b))
+    return diff / max(largest, 1e-12)
+
+
+def assert_same_training(accumulating, plain, rtol: float = RTOL) -> None:
+    """Same weights (to round-off) and the same number of optimizer updates."""
+    assert int(accumulating.optimizer.iterations.numpy()) == int(
+        plain.optimizer.iterations.numpy()
+    ), (
+        f"updates: accumulating {int(accumulating.optimizer.iterations.numpy())} "
+        f"vs big batch {int(plain.optimizer.iterations.numpy())}"
+    )
+    difference = max_relative_difference(accumulating.get_weights(), plain.get_weights())
+    assert difference <= rtol, f"weights differ by {difference:.3g} (relative)"
+
+
+def functional_twins(build_layers, accumulation_steps, seed=0):
+    """An `accum_keras.Model` and a plain `keras.Model` with the same weights.
+
+    Args:
+        build_layers: function returning ``(inputs, outputs)`` of a fresh graph.
+        accumulation_steps: k of the accumulating model.
+        seed: initial-weights seed.
+    """
+    keras.utils.set_random_seed(seed)
+    inputs, outputs = build_layers()
+    accumulating = accum_keras.Model(inputs, outputs, accumulation_steps=accumulation_steps)
+    inputs, outputs = build_layers()
+    plain = keras.Model(inputs, outputs)
+    plain.set_weights(accumulating.get_weights())
+    return accumulating, plain
+
+
+def small_regression_layers(features=5, hidden=8, outputs=1, regularizer=None):
+    def build():
+        inputs = keras.Input((features,))
+        hidden_layer = keras.layers.Dense(
+            hidden, activation="tanh", kernel_regularizer=regularizer
+        )(inputs)
+        return inputs, keras.layers.Dense(outputs)(hidden_layer)
+
+    return build
+
+
+def regression_data(samples=64, features=5, outputs=1, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, features)).astype("float32")
+    y = rng.normal(size=(samples, outputs)).astype("float32")
+    return x, y

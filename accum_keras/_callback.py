@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Union
 
 import keras
 from keras import ops
@@ -12,7 +11,7 @@ from keras import ops
 from accum_keras._config import check_accumulation_steps
 from accum_keras._schedules import ScaledLearningRate, check_lr_scaling, scaling_factor
 
-AccumulationSchedule = Union[dict[int, int], Callable[[int], int]]
+AccumulationSchedule = dict[int, int] | Callable[[int], int]
 
 
 class AccumulationCallback(keras.callbacks.Callback):
@@ -133,7 +132,7 @@ class AccumulationCallback(keras.callbacks.Callback):
                 "`warmup_updates`."
             )
         k = self.model.accumulation_steps
-        return max(1, int(round(self.warmup_epochs * math.ceil(steps / k))))
+        return max(1, round(self.warmup_epochs * math.ceil(steps / k)))
 
     def _update_multiplier(self) -> None:
         schedule = getattr(self, "_schedule", None)
@@ -165,7 +164,7 @@ class AccumulationCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._micro_batch_size is None and self.base_batch_size is not None:
             seen = self._samples_seen() - self._epoch_start[0]
-            self._micro_batch_size = max(1, int(round(seen / (batch + 1))))
+            self._micro_batch_size = max(1, round(seen / (batch + 1)))
             self._update_multiplier()
         if logs is not None:
             state = self.model._accumulation_state

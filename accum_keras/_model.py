@@ -79,7 +79,7 @@ class AccumulatingModel:
         steps = check_accumulation_steps(accumulation_steps)
         super().__init__(*args, **kwargs)
         self._accumulation_steps = steps
-        self._accumulation_state = AccumulationState()
+        self._accumulation_state = AccumulationState(builder=self._build_accumulation_state)
         self._accumulation_apply_function = None
         self._accumulation_fitting = False
         self._accumulation_evaluating = False
@@ -134,6 +134,13 @@ class AccumulatingModel:
         check_optimizer_does_not_accumulate(self.optimizer)
         self._accumulation_apply_function = None
 
+    def compile_from_config(self, config):
+        # Keras' own version refuses models that override `compile()`.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def fit(self, *args, **kwargs):
         _move_accumulation_callbacks_first(args, kwargs)
         self._accumulation_fitting = True
@@ -182,20 +189,19 @@ class AccumulatingModel:
 
     # -- window life -------------------------------------------------------
 
-    def _prepare_accumulation(self) -> None:
-        """Builds the window state before `fit()` traces the step (eager)."""
-        backend = _backend_module()
+    def _build_accumulation_state(self, with_gradients: bool) -> None:
+        """Creates the window state (and accumulators) for the current variables."""
         state = self._accumulation_state
-        with backend.distribution_scope(self):
+        with _backend_module().distribution_scope(self):
             state.build_scalars(self._accumulation_steps)
-            state.accumulation_steps.assign(self._accumulation_steps)
-            if (
-                self.built
-                and self._accumulation_steps > 1
-                and not state.follows(self.trainable_variables)
-            ):
+            if with_gradients and not state.follows(self.trainable_variables):
                 self._apply_pending_window()
                 state.follow(self.trainable_variables)
+
+    def _prepare_accumulation(self) -> None:
+        """Builds the window state before `fit()` traces the step (eager)."""
+        self._build_accumulation_state(self.built and self._accumulation_steps > 1)
+        self._accumulation_state.accumulation_steps.assign(self._accumulation_steps)
         _loss_terms.install_recorders(self._compile_loss)
         self._accumulation_apply_function = None
 

@@ -9,7 +9,8 @@ resumed run continues exactly, even mid-window.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
@@ -47,14 +48,20 @@ class AccumulationState(KerasSaveable):
             changed without retracing.
     """
 
-    def __init__(self):
+    def __init__(self, builder: Callable[[bool], None] | None = None):
+        # `builder(with_gradients)` builds this state for its model; kept as a
+        # weak method so that the state does not keep its model alive.
+        self._builder = weakref.WeakMethod(builder) if builder is not None else None
         self.gradients: list[Any] = []
         self.accumulated_variables: list[Any] = []
         self._variable_ids: list[int] = []
         self._scalars_built = False
 
     def _obj_type(self):
-        return "AccumulationState"
+        # Keras' saving walks children by type and only knows its own types;
+        # "Operation" gives a walk that finds nothing below this object, whose
+        # variables are saved by `save_own_variables`.
+        return "Operation"
 
     @property
     def built(self) -> bool:
@@ -109,11 +116,14 @@ class AccumulationState(KerasSaveable):
             store[f"gradient_{index}"] = accumulator.numpy()
 
     def load_own_variables(self, store) -> None:
+        saved_gradients = [k for k in store.keys() if k.startswith("gradient_")]
+        builder = self._builder() if self._builder is not None else None
+        if builder is not None:
+            builder(bool(saved_gradients))
         if not self.built:
             raise ValueError(
                 "The accumulation state must be built before loading it; build the model first."
             )
-        saved_gradients = sorted(k for k in store.keys() if k.startswith("gradient_"))
         if len(saved_gradients) != len(self.gradients):
             raise ValueError(
                 f"The saved accumulation state has {len(saved_gradients)} "

@@ -194,7 +194,7 @@ class ArraySequence(keras.utils.PyDataset):
         self.x, self.y, self.batch_size = x, y, batch_size
 
     def __len__(self):
-        return -(-len(self.x) // self.batch_size)
+        return int(np.ceil(len(self.x) / self.batch_size))
 
     def __getitem__(self, index):
         window = slice(index * self.batch_size, (index + 1) * self.batch_size)

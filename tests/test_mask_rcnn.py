@@ -1,0 +1,128 @@
+"""Tests of the Mask R-CNN example (examples/mask_rcnn)."""
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("pycocotools")
+if keras.backend.backend() != "tensorflow":
+    pytest.skip("the Mask R-CNN example needs the TensorFlow backend", allow_module_level=True)
+
+from examples.mask_rcnn import evaluate, shapes, train  # noqa: E402
+from examples.mask_rcnn.config import TINY  # noqa: E402
+from examples.mask_rcnn.model import MaskRCNN  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return shapes.generate_shapes(16, seed=3, image_size=TINY.image_size, max_instances=3)
+
+
+def test_per_image_losses_do_not_depend_on_the_batch(tiny_data):
+    """What makes accumulation exact: an image's losses (incl. its random
+    anchor/ROI samples) are the same in a batch of 16 and in a batch of 2."""
+    keras.utils.set_random_seed(1)
+    model = MaskRCNN(TINY)
+    inputs = {k: tf.constant(v) for k, v in tiny_data.items()}
+    whole = model.per_image_losses(model(inputs, training=True))
+    for start in range(0, 16, 2):
+        part = {k: v[start : start + 2] for k, v in inputs.items()}
+        losses = model.per_image_losses(model(part, training=True))
+        for name, values in losses.items():
+            np.testing.assert_allclose(
+                values.numpy(), whole[name].numpy()[start : start + 2], rtol=1e-4, atol=1e-6
+            )
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda: keras.optimizers.SGD(0.05)], ids=["sgd"])
+def test_accumulated_update_equals_big_batch_update(tiny_data, make_optimizer):
+    """micro-batch 2 x accumulation_steps 8 == one step of batch 16."""
+    keras.utils.set_random_seed(0)
+    accumulating = MaskRCNN(TINY, accumulation_steps=8)
+    big_batch = MaskRCNN(TINY, accumulation_steps=1)
+    big_batch.set_weights(accumulating.get_weights())
+    before = [v.numpy() for v in accumulating.trainable_variables]
+
+    accumulating.compile(optimizer=make_optimizer(), jit_compile=False)
+    big_batch.compile(optimizer=make_optimizer(), jit_compile=False)
+    accumulating.fit(shapes.make_dataset(tiny_data, 2), epochs=1, verbose=0)
+    big_batch.fit(shapes.make_dataset(tiny_data, 16), epochs=1, verbose=0)
+
+    assert int(accumulating.optimizer.iterations.numpy()) == 1
+    assert int(big_batch.optimizer.iterations.numpy()) == 1
+    assert len(accumulating.trainable_variables) == len(big_batch.trainable_variables)
+    largest_change = 0.0
+    for v0, a, b in zip(before, accumulating.trainable_variables, big_batch.trainable_variables):
+        a, b = a.numpy(), b.numpy()
+        scale = max(np.abs(b).max(), 1e-3)
+        assert np.abs(a - b).max() <= 1e-5 * scale, a.shape
+        largest_change = max(largest_change, np.abs(b - v0).max() / scale)
+    assert largest_change > 1e-2  # the update really moved the weights
+
+
+def test_train_smoke_staged(tmp_path):
+    """The smoke preset: two stages (backbone frozen, then all), evaluation."""
+    settings = train.PRESETS["smoke"]
+    settings = dataclasses.replace(settings, output_dir=str(tmp_path))
+    summary = train.train(settings, verbose=0)
+
+    first, second = summary["history"]
+    assert first["optimizer_updates"] == second["optimizer_updates"] == 32 // 8
+    for stage in summary["history"]:
+        assert all(math.isfinite(v) for v in stage["loss"])
+        for name in ("rpn_class_loss", "rpn_box_loss", "class_loss", "box_loss", "mask_loss"):
+            assert all(math.isfinite(v) for v in stage[name])
+    assert summary["effective_batch_size"] == 8
+    assert set(summary["metrics"]) == {
+        f"{kind}_{name}" for kind in ("box", "mask") for name in ("AP", "AP50", "AP75")
+    }
+    assert all(0.0 <= v <= 1.0 for v in summary["metrics"].values())
+    assert (tmp_path / "predictions.png").stat().st_size > 1000
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_coco_evaluation_format(tiny_data):
+    coco_gt = evaluate.coco_ground_truth(tiny_data)
+    num_instances = int(tiny_data["gt_valid"].sum())
+    assert len(coco_gt.getAnnIds()) == num_instances
+
+    # Ground truth turned into "detections" must score a perfect AP.
+    size, m = TINY.image_size, TINY.max_instances
+    perfect = {
+        "boxes": tiny_data["gt_boxes"],
+        "classes": tiny_data["gt_classes"],
+        "scores": np.where(tiny_data["gt_valid"], 0.9, 0.0).astype(np.float32),
+        "valid": tiny_data["gt_valid"],
+        "masks": tiny_data["gt_masks"].astype(np.float32),
+    }
+    # Masks are expected in box coordinates: crop each one to its box.
+    crops = np.zeros((16, m, 28, 28), np.float32)
+    for i in range(16):
+        for k in np.flatnonzero(tiny_data["gt_valid"][i]):
+            y1, x1, y2, x2 = tiny_data["gt_boxes"][i, k]
+            ys = np.clip(y1 + (np.arange(28) + 0.5) * (y2 - y1) / 28, 0, size - 1).astype(int)
+            xs = np.clip(x1 + (np.arange(28) + 0.5) * (x2 - x1) / 28, 0, size - 1).astype(int)
+            crops[i, k] = tiny_data["gt_masks"][i, k][np.ix_(ys, xs)]
+    perfect["masks"] = crops
+    results = evaluate.detections_to_coco(perfect, tiny_data["image_id"], size)
+    assert len(results) == num_instances
+    assert set(results[0]) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+    metrics = evaluate.coco_metrics(coco_gt, results)
+    assert metrics["box_AP"] == pytest.approx(1.0)
+    assert metrics["mask_AP50"] == pytest.approx(1.0)
+
+    # An untrained model: finite numbers in [0, 1].
+    keras.utils.set_random_seed(0)
+    metrics = evaluate.evaluate(MaskRCNN(TINY), tiny_data, batch_size=8)
+    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in metrics.values())
+    assert evaluate.coco_metrics(coco_gt, []) == {k: 0.0 for k in metrics}

@@ -116,7 +116,8 @@ class AccumulationState(KerasSaveable):
             store[f"gradient_{index}"] = accumulator.numpy()
 
     def load_own_variables(self, store) -> None:
-        saved_gradients = [k for k in store.keys() if k.startswith("gradient_")]
+        # H5 stores iterate over indices, not names: use keys().
+        saved_gradients = [k for k in store.keys() if k.startswith("gradient_")]  # noqa: SIM118
         builder = self._builder() if self._builder is not None else None
         if builder is not None:
             builder(bool(saved_gradients))
@@ -131,7 +132,7 @@ class AccumulationState(KerasSaveable):
                 "variables. Load it into a model with the same trainable variables."
             )
         for name, _ in _SCALARS:
-            if name in store.keys():
+            if name in store.keys():  # noqa: SIM118
                 getattr(self, name).assign(store[name])
         for index, accumulator in enumerate(self.gradients):
             accumulator.assign(store[f"gradient_{index}"])

@@ -1,12 +1,12 @@
 """Window state is training state: not weights, but saved, restored and resumed exactly."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import assert_same_training, functional_twins, regression_data, small_regression_layers
 
 import accum_keras
-import keras
-from helpers import assert_same_training, functional_twins, regression_data, small_regression_layers
 
 K, MICRO = 4, 4
 

@@ -37,11 +37,15 @@ class LossTerm:
             known (a loss that overrides ``__call__`` or reduces itself to a
             scalar); the caller then falls back to the sample count.
         normalized: whether the reduction divides by a data-dependent ``D``.
+        counts_elements: whether ``D`` is the number of loss elements (no mask,
+            no ``mean_with_sample_weight`` weights): such divisors grow with
+            the micro-batch alike for every output.
     """
 
     weighted_value: Any
     divisor: Any | None
     normalized: bool
+    counts_elements: bool = True
 
 
 class DivisorRecorder(keras_loss.Loss):
@@ -59,6 +63,9 @@ class DivisorRecorder(keras_loss.Loss):
         self.sink: list | None = None
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        counts_elements = backend.get_keras_mask(y_pred) is None and not (
+            self.reduction == "mean_with_sample_weight" and sample_weight is not None
+        )
         if type(self.inner).__call__ is not keras_loss.Loss.__call__:
             value, divisor = self.inner(y_true, y_pred, sample_weight), None
         else:
@@ -70,6 +77,7 @@ class DivisorRecorder(keras_loss.Loss):
                     weighted_value=weighted,
                     divisor=divisor,
                     normalized=self.reduction in NORMALIZED_REDUCTIONS,
+                    counts_elements=counts_elements,
                 )
             )
         return value

@@ -28,6 +28,7 @@ Everything here is expressed in `keras.ops`, so every backend shares it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,7 @@ def micro_batch_divisor(
     """
     samples = ops.cast(num_samples, "float32")
     normalized = [term for term in terms if term.normalized]
+    _warn_if_inexact(terms)
     if normalized:
         divisors = [
             samples if term.divisor is None else ops.cast(term.divisor, "float32")
@@ -81,6 +83,26 @@ def micro_batch_divisor(
     if terms:
         return ops.cast(is_first_in_window, "float32")
     return samples
+
+
+def _warn_if_inexact(terms: Sequence[LossTerm]) -> None:
+    """Warns (once per trace) about the two loss layouts one accumulator cannot make exact."""
+    normalized = [term for term in terms if term.normalized]
+    if normalized and len(normalized) < len(terms):
+        warnings.warn(
+            "accum_keras: this model mixes loss terms reduced with 'sum' and "
+            "normalized ones; the accumulated update normalizes the window by the "
+            "normalized terms' divisor and is not exactly the big batch's.",
+            stacklevel=3,
+        )
+    elif len(normalized) > 1 and not all(term.counts_elements for term in normalized):
+        warnings.warn(
+            "accum_keras: several loss terms are normalized by masks or by sample "
+            "weights (mean_with_sample_weight); the window is normalized by the sum "
+            "of their divisors, exact only when they are proportional across "
+            "micro-batches.",
+            stacklevel=3,
+        )
 
 
 def micro_batch_weights(

@@ -381,3 +381,17 @@ def test_subclassed_model_with_its_own_compute_loss():
     accumulating.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0)
     plain.fit(x, y, batch_size=BIG, epochs=2, shuffle=False, verbose=0)
     assert_same_training(accumulating, plain)
+
+
+def test_loss_layouts_that_cannot_be_exact_are_announced():
+    # One accumulator per variable cannot hold a 'sum' term and a normalized
+    # term exactly (shared notes §1): the model says so when it traces.
+    def build():
+        inputs = keras.Input((5,))
+        return inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(1)(inputs)]
+
+    x, y = regression_data(samples=16)
+    accumulating, _ = functional_twins(build, K)
+    accumulating.compile("sgd", loss=["mse", keras.losses.MeanSquaredError(reduction="sum")])
+    with pytest.warns(UserWarning, match="mixes loss terms reduced with 'sum'"):
+        accumulating.fit(x, [y, y], batch_size=MICRO, verbose=0)

@@ -24,6 +24,7 @@ _SCALARS = (
     ("window_samples", "int32"),
     ("last_update_samples", "int32"),
     ("samples_seen", "float32"),
+    ("skipped_updates", "int32"),
 )
 
 
@@ -44,6 +45,8 @@ class AccumulationState(KerasSaveable):
             effective batch size of the last update.
         samples_seen: samples trained on since the model was created (float32,
             for logging).
+        skipped_updates: windows not applied because a micro-batch produced a
+            non-finite gradient under a `LossScaleOptimizer`.
         accumulation_steps: ``k``, read by the compiled step so that it can be
             changed without retracing.
     """
@@ -71,10 +74,17 @@ class AccumulationState(KerasSaveable):
         """Creates the counters; call inside the model's distribution scope."""
         if self._scalars_built:
             return
+        # Counters hold the same value on every replica (their updates are
+        # computed from all-reduced quantities), so the first replica's
+        # write stands for all.
         for name, dtype in _SCALARS:
-            setattr(self, name, _zeros((), dtype, name))
+            setattr(self, name, _zeros((), dtype, name, aggregation="only_first_replica"))
         self.accumulation_steps = keras.Variable(
-            accumulation_steps, dtype="int32", trainable=False, name="accumulation_steps"
+            accumulation_steps,
+            dtype="int32",
+            trainable=False,
+            name="accumulation_steps",
+            aggregation="only_first_replica",
         )
         self._scalars_built = True
 
@@ -95,7 +105,15 @@ class AccumulationState(KerasSaveable):
         self.gradients = [
             existing[id(v)]
             if id(v) in existing
-            else _zeros(v.shape, "float32", _accumulator_name(v))
+            else _zeros(
+                v.shape,
+                "float32",
+                _accumulator_name(v),
+                # Each replica accumulates its own micro-batches; nothing
+                # crosses replicas until the window is applied.
+                synchronization="on_read",
+                aggregation="sum",
+            )
             for v in trainable_variables
         ]
         self._variable_ids = wanted
@@ -138,8 +156,10 @@ class AccumulationState(KerasSaveable):
             accumulator.assign(store[f"gradient_{index}"])
 
 
-def _zeros(shape, dtype: str, name: str):
-    return keras.Variable(initializer="zeros", shape=shape, dtype=dtype, trainable=False, name=name)
+def _zeros(shape, dtype: str, name: str, **distribution):
+    return keras.Variable(
+        initializer="zeros", shape=shape, dtype=dtype, trainable=False, name=name, **distribution
+    )
 
 
 def _accumulator_name(variable: Any) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from keras import ops
@@ -53,9 +53,9 @@ class MicroBatchWeights:
 
 
 def micro_batch_divisor(
-    terms: Sequence[LossTerm], num_samples: Any, is_first_in_window: Any
+    terms: Sequence[LossTerm], num_samples: Any, is_first_in_window: Any, num_replicas: int = 1
 ) -> Any:
-    """The divisor ``D_n`` of one micro-batch.
+    """The divisor ``D_n`` one replica contributes for one micro-batch.
 
     Args:
         terms: the compiled loss terms recorded for the micro-batch (empty when
@@ -63,13 +63,14 @@ def micro_batch_divisor(
         num_samples: number of samples in the micro-batch.
         is_first_in_window: boolean tensor, whether this micro-batch opens a
             window.
+        num_replicas: replicas the global micro-batch is split across.
 
     Returns:
         A float32 scalar: the sum of the normalized terms' divisors; the
         sample count for a loss computed by the model itself (read as a mean
         over samples); for models whose terms all use a ``"sum"`` reduction,
-        1 on the first micro-batch of a window and 0 after it, so that the
-        window divisor stays 1.
+        ``1 / num_replicas`` on the first micro-batch of a window and 0 after
+        it, so that the window divisor, summed over replicas, stays 1.
     """
     samples = ops.cast(num_samples, "float32")
     normalized = [term for term in terms if term.normalized]
@@ -81,7 +82,7 @@ def micro_batch_divisor(
         ]
         return sum(divisors[1:], divisors[0])
     if terms:
-        return ops.cast(is_first_in_window, "float32")
+        return ops.cast(is_first_in_window, "float32") / num_replicas
     return samples
 
 
@@ -112,27 +113,41 @@ def micro_batch_weights(
     window_divisor: Any,
     reference_divisor: Any,
     is_first_in_window: Any,
+    sum_over_replicas: Callable[[Any], Any] = lambda value: value,
+    num_replicas: int = 1,
 ) -> MicroBatchWeights:
-    """Builds the accumulation objective of one micro-batch.
+    """Builds the accumulation objective of one micro-batch on one replica.
+
+    With several replicas the window is the global one: divisors are summed
+    over replicas (a scalar all-reduce per micro-batch), and Keras' division
+    of each replica's compiled loss by the number of replicas is undone, so
+    that summing the replicas' gradients at the update gives the global
+    big batch's gradient.
 
     Args:
         loss: the micro-batch loss exactly as Keras computes it.
         terms: the recorded compiled loss terms (see `micro_batch_divisor`).
-        num_samples: number of samples in the micro-batch.
-        window_divisor: ``T_{n-1}``, the window divisor before this micro-batch.
+        num_samples: number of samples in this replica's micro-batch.
+        window_divisor: ``T_{n-1}``, the global window divisor so far.
         reference_divisor: the window's ``D_ref`` so far (ignored on the first
             micro-batch).
         is_first_in_window: boolean tensor.
+        sum_over_replicas: sums a per-replica tensor over replicas.
+        num_replicas: number of replicas.
 
     Returns:
-        A `MicroBatchWeights`.
+        A `MicroBatchWeights` whose ``divisor`` is the global ``D_n``.
     """
-    divisor = micro_batch_divisor(terms, num_samples, is_first_in_window)
+    local_divisor = micro_batch_divisor(terms, num_samples, is_first_in_window, num_replicas)
+    divisor = sum_over_replicas(local_divisor)
     reference = ops.where(
         is_first_in_window,
         ops.where(divisor > 0, divisor, ops.ones_like(divisor)),
         reference_divisor,
     )
+    # Keras divides compiled losses (and regularization) by the number of
+    # replicas; a loss the model computes itself is left as it is.
+    local_divisor = local_divisor * (num_replicas if terms else 1)
     loss = ops.cast(loss, "float32")
     unnormalized = [
         ops.cast(term.weighted_value, "float32") for term in terms if not term.normalized
@@ -140,9 +155,9 @@ def micro_batch_weights(
     if unnormalized:
         summed = sum(unnormalized[1:], unnormalized[0])
         new_window_divisor = window_divisor + divisor
-        objective = (divisor * (loss - summed) + new_window_divisor * summed) / reference
+        objective = (local_divisor * (loss - summed) + new_window_divisor * summed) / reference
     else:
-        objective = loss * (divisor / reference)
+        objective = loss * (local_divisor / reference)
     return MicroBatchWeights(objective, divisor, reference)
 
 

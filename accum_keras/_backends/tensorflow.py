@@ -5,6 +5,19 @@ TensorFlow step computes the gradient of a micro-batch's accumulation
 objective, adds it to the accumulators and, every ``k``-th micro-batch, hands
 the window's gradient to the optimizer — inside the compiled step, so
 ``steps_per_execution`` and XLA work unchanged.
+
+Under ``tf.distribute`` each replica accumulates its own micro-batches into
+its own (``on_read``) accumulators; only a scalar crosses replicas per
+micro-batch (the loss divisor, for the global normalization), and the
+gradients are all-reduced once per window, by ``optimizer.apply``. The update
+itself must be decided in cross-replica context: an ``optimizer.apply`` (which
+calls ``merge_call``) inside a per-replica ``tf.cond`` is not allowed.
+
+Under a `LossScaleOptimizer` gradients are unscaled before they are
+accumulated (in float32) and scaled back by the same factor when the window is
+handed to the optimizer, which then unscales them, checks them and adapts its
+scale as for any step; a window that saw a non-finite gradient is therefore
+not applied, and it is counted in ``skipped_updates``.
 """
 
 from __future__ import annotations
@@ -31,20 +44,29 @@ def num_samples(x) -> Any:
     return tf.shape(first)[0]
 
 
+def _num_replicas(model) -> int:
+    return model.distribute_strategy.num_replicas_in_sync
+
+
+def _sum_over_replicas(value):
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
 def train_step(model, data):
     """One micro-batch: accumulate its gradient, apply the window when full."""
     model._prepare_accumulation_while_tracing(data)
     state = model._accumulation_state
     optimizer = model.optimizer
+    replicas = _num_replicas(model)
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     samples = num_samples(x)
     is_first = tf.equal(state.micro_step.value, 0)
 
     with tf.GradientTape() as tape:
-        if model._call_has_training_arg:
-            y_pred = model(x, training=True)
-        else:
-            y_pred = model(x)
+        y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
         with _loss_terms.recorded_terms(model._compile_loss) as terms:
             loss = model._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
@@ -59,54 +81,68 @@ def train_step(model, data):
             state.window_divisor.value,
             state.reference_divisor.value,
             is_first,
+            sum_over_replicas=_sum_over_replicas,
+            num_replicas=replicas,
         )
-        objective = optimizer.scale_loss(weights.objective)
+        loss_scale = optimizer.scale_loss(tf.constant(1.0))
+        objective = weights.objective * tf.cast(loss_scale, weights.objective.dtype)
 
     variables = state.accumulated_variables
     gradients = tape.gradient(objective, variables)
-    gradients = _unscale(optimizer, gradients)
     model._accumulation_has_gradient = [g is not None for g in gradients]
-    _add_to_accumulators(state.gradients, gradients)
+    _add_to_accumulators(state.gradients, gradients, loss_scale, replicas)
 
+    global_samples = _sum_over_replicas(samples)
     state.window_divisor.assign_add(weights.divisor)
     state.reference_divisor.assign(weights.reference_divisor)
-    state.window_samples.assign_add(samples)
-    state.samples_seen.assign_add(tf.cast(samples, "float32"))
+    state.window_samples.assign_add(global_samples)
+    state.samples_seen.assign_add(tf.cast(global_samples, "float32"))
     state.micro_step.assign_add(1)
-
-    tf.cond(
-        state.micro_step.value >= state.accumulation_steps.value,
-        lambda: _apply_window_and_report(model),
-        lambda: tf.constant(False),
-    )
+    _apply_window_when_full(model)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
-def _unscale(optimizer, gradients: Sequence[Any]) -> list[Any]:
-    """Removes a `LossScaleOptimizer`'s scale so accumulators hold true gradients."""
-    scale = getattr(optimizer, "loss_scale_factor", None)
-    if scale is None:
-        return list(gradients)
-    return [None if g is None else g / tf.cast(scale, g.dtype) for g in gradients]
-
-
-def _add_to_accumulators(accumulators, gradients) -> None:
+def _add_to_accumulators(accumulators, gradients, loss_scale, replicas: int) -> None:
     for accumulator, gradient in zip(accumulators, gradients):
         if gradient is None:
             continue
-        if isinstance(gradient, tf.IndexedSlices):
+        if isinstance(gradient, tf.IndexedSlices) and replicas == 1:
+            values = tf.cast(gradient.values, "float32") / loss_scale
             accumulator.value.scatter_add(
-                tf.IndexedSlices(
-                    tf.cast(gradient.values, "float32"),
-                    gradient.indices,
-                    gradient.dense_shape,
-                )
+                tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
             )
         else:
-            accumulator.assign_add(tf.cast(gradient, "float32"))
+            # Replica-local (on-read) variables take dense updates only.
+            accumulator.assign_add(tf.cast(tf.convert_to_tensor(gradient), "float32") / loss_scale)
 
 
-def _apply_window_and_report(model):
+def _window_is_full(state):
+    return state.micro_step.value >= state.accumulation_steps.value
+
+
+def _apply_window_when_full(model) -> None:
+    state = model._accumulation_state
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        tf.cond(
+            _window_is_full(state),
+            lambda: _apply_and_report(model),
+            lambda: tf.constant(False),
+        )
+        return
+
+    def decide_for_all_replicas(distribution):
+        # The counters are equal on every replica: decide once, then run the
+        # update on each replica so that its all-reduce can happen.
+        def apply_on_every_replica():
+            distribution.extended.call_for_each_replica(apply_window, args=(model,))
+            return tf.constant(True)
+
+        tf.cond(_window_is_full(state), apply_on_every_replica, lambda: tf.constant(False))
+
+    tf.distribute.get_replica_context().merge_call(decide_for_all_replicas)
+
+
+def _apply_and_report(model):
     apply_window(model)
     return tf.constant(True)
 
@@ -114,21 +150,31 @@ def _apply_window_and_report(model):
 def apply_window(model) -> None:
     """Hands the window's gradient to the optimizer and opens a new window.
 
-    Variables that received no gradient in the traced step get `None`, exactly
-    as plain Keras passes them, so the optimizer skips them.
+    Runs in replica context. Variables that received no gradient in the
+    traced step get `None`, exactly as plain Keras passes them, so the
+    optimizer skips them.
     """
     state = model._accumulation_state
+    optimizer = model.optimizer
     has_gradient = getattr(model, "_accumulation_has_gradient", None)
     if has_gradient is None or len(has_gradient) != len(state.gradients):
         has_gradient = [True] * len(state.gradients)
+    loss_scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), "float32")
     scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
+    # The optimizer unscales what it is given, as for a plain step.
+    scale = scale * loss_scale
     gradients = [
         tf.cast(accumulator.value * scale, variable.dtype) if present else None
         for accumulator, variable, present in zip(
             state.gradients, state.accumulated_variables, has_gradient
         )
     ]
-    model.optimizer.apply(gradients, state.accumulated_variables)
+    if _is_loss_scale_optimizer(optimizer):
+        finite = _all_finite(gradients)
+        state.skipped_updates.assign_add(tf.cast(tf.logical_not(finite), "int32"))
+    optimizer.apply(gradients, state.accumulated_variables)
+    for layer in getattr(model, "_accumulation_window_layers", ()):
+        layer.apply_window_statistics()
     for accumulator in state.gradients:
         accumulator.assign(tf.zeros_like(accumulator.value))
     state.last_update_samples.assign(state.window_samples.value)
@@ -137,8 +183,29 @@ def apply_window(model) -> None:
     state.micro_step.assign(0)
 
 
+def _is_loss_scale_optimizer(optimizer) -> bool:
+    return hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale")
+
+
+def _all_finite(gradients: Sequence[Any]):
+    present = [g for g in gradients if g is not None]
+    if not present:
+        return tf.constant(True)
+    finite = [tf.reduce_all(tf.math.is_finite(g)) for g in present]
+    # A non-finite value on any replica poisons the global window.
+    local = tf.cast(tf.reduce_all(tf.stack(finite)), "int32")
+    return tf.equal(
+        _sum_over_replicas(local), tf.distribute.get_replica_context().num_replicas_in_sync
+    )
+
+
 def make_apply_function(model):
-    """A compiled function that applies the open window (used at epoch ends)."""
+    """A function that applies the open window now (used at epoch ends)."""
+    strategy = model.distribute_strategy
+
+    def apply_pending():
+        strategy.run(apply_window, args=(model,))
+
     if model.run_eagerly:
-        return lambda: apply_window(model)
-    return tf.function(lambda: apply_window(model))
+        return apply_pending
+    return tf.function(apply_pending)

@@ -223,9 +223,12 @@ class AccumulatingModel:
         if not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
         state = self._accumulation_state
-        with _backend_module().distribution_scope(self):
-            state.build_scalars(self._accumulation_steps)
-            state.follow(self.trainable_variables)
+        if not (state.built and state.follows(self.trainable_variables)):
+            # Only reached without a distribution strategy (with one, Keras
+            # builds everything before tracing and so does `fit()` here).
+            with _backend_module().distribution_scope(self):
+                state.build_scalars(self._accumulation_steps)
+                state.follow(self.trainable_variables)
         _loss_terms.install_recorders(compile_loss)
 
     def _apply_pending_window(self) -> bool:

@@ -1,0 +1,359 @@
+"""JAX mechanics of the accumulating ``train_step``.
+
+What a window *is* lives in `accum_keras._window`; this module only says how a
+stateless JAX step computes the gradient of a micro-batch's accumulation
+objective, adds it to the accumulators and, every ``k``-th micro-batch, hands
+the window's gradient to the optimizer.
+
+Where the window state lives. Keras' JAX trainer threads four lists of arrays
+through the compiled step (trainable, non-trainable, optimizer and metrics
+variables) and writes them back to the variables only when it syncs (epoch
+ends, callbacks). The window state is training state like the optimizer's
+slots, so it travels at the end of the *optimizer* list:
+
+    optimizer values + written window values + read-only values
+
+- written: `AccumulationState.variables()` (counters and accumulators);
+- read-only: ``accumulation_steps`` and the variables of the optimizer's
+  learning-rate schedule (e.g. `ScaledLearningRate.multiplier`), so that
+  changing them between epochs takes effect without retracing.
+
+The model's ``_get_jax_state``, ``jax_state_sync`` and
+``_get_state_sharding_spec`` (see `AccumulatingModel`) call `add_window_state`,
+`sync_window_state` and `add_window_shardings` here. The window state is
+therefore neither in ``model.weights`` nor in ``optimizer.variables`` (a plain
+model or optimizer accepts the saved values), and is saved by
+`AccumulationState.save_own_variables` once synced.
+
+The update runs under `jax.lax.cond`: the optimizer's math is executed only on
+the micro-batch that closes a window (Keras' built-in accumulation computes an
+update on every micro-batch and discards it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+from keras.optimizers.schedules import LearningRateSchedule
+from keras.src import backend as keras_backend
+from keras.src import tree
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from accum_keras import _loss_terms, _state, _window
+
+_SCALAR_NAMES = tuple(name for name, _ in _state._SCALARS)
+
+
+def distribution_scope(model):
+    """The scope accumulators are created in.
+
+    JAX variables take their layout from the distribution active when they are
+    created (``keras.distribution.set_distribution`` or ``distribution.scope()``),
+    which is the one ``fit()`` runs under.
+    """
+    return contextlib.nullcontext()
+
+
+def num_samples(x) -> int:
+    """Samples in a micro-batch (static under `jax.jit`)."""
+    first = next(leaf for leaf in tree.flatten(x) if leaf is not None)
+    return first.shape[0]
+
+
+# -- the window state in Keras' JAX state -------------------------------------
+
+
+def written_variables(model) -> list[Any]:
+    """Window variables the step updates (counters, then accumulators)."""
+    state = model._accumulation_state
+    return state.variables() if state.built else []
+
+
+def read_only_variables(model) -> list[Any]:
+    """Variables the step reads but never writes."""
+    state = model._accumulation_state
+    if not state.built:
+        return []
+    return [state.accumulation_steps, *_schedule_variables(model)]
+
+
+def _schedule_variables(model) -> list[Any]:
+    optimizer = getattr(model, "optimizer", None)
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    found: list[Any] = []
+    pending = [getattr(inner, "_learning_rate", None)]
+    while pending:
+        schedule = pending.pop()
+        if not isinstance(schedule, LearningRateSchedule):
+            continue
+        for value in vars(schedule).values():
+            if isinstance(value, keras.Variable) and all(value is not v for v in found):
+                found.append(value)
+            elif isinstance(value, LearningRateSchedule):
+                pending.append(value)
+    return found
+
+
+def _optimizer_list_index(flags: dict) -> int:
+    return int(bool(flags.get("trainable_variables"))) + int(
+        bool(flags.get("non_trainable_variables"))
+    )
+
+
+def add_window_state(model, state: tuple, **flags) -> tuple:
+    """Appends the window values to the optimizer list of ``_get_jax_state``."""
+    if not flags.get("optimizer_variables"):
+        return state
+    written = written_variables(model)
+    read_only = read_only_variables(model)
+    # Remember what was handed out: `sync_window_state` writes back these.
+    model._accumulation_jax_written = written
+    index = _optimizer_list_index(flags)
+    state = list(state)
+    state[index] = list(state[index]) + [v.value for v in written + read_only]
+    if flags.get("purge_model_variables"):
+        # Like Keras' own variables: the arrays now belong to the step (which
+        # donates them); the variables get them back at the next sync.
+        for variable in written:
+            variable._value = None
+    return tuple(state)
+
+
+def sync_window_state(model) -> None:
+    """Writes the window values of ``model._jax_state`` back to the variables.
+
+    Call before Keras' ``jax_state_sync`` (which marks the state synced).
+    """
+    jax_state = getattr(model, "_jax_state", None)
+    if not jax_state or model._jax_state_synced:
+        return
+    values = jax_state.get("optimizer_variables")
+    written = getattr(model, "_accumulation_jax_written", None)
+    if not values or not written:
+        return
+    values = values[len(model.optimizer.variables) :]
+    for variable, value in zip(written, values):
+        variable.assign(value)
+
+
+def add_window_shardings(model, shardings: tuple) -> tuple:
+    """Extends ``_get_state_sharding_spec``'s optimizer entry like `add_window_state`."""
+    trainable, non_trainable, optimizer, metrics = shardings
+    extra = [v.value.sharding for v in written_variables(model) + read_only_variables(model)]
+    return trainable, non_trainable, list(optimizer) + extra, metrics
+
+
+def _split(model, optimizer_and_window: Sequence[Any]):
+    """Splits the step's optimizer list into optimizer values and window values."""
+    count = len(model.optimizer.variables)
+    optimizer_values = list(optimizer_and_window[:count])
+    rest = list(optimizer_and_window[count:])
+    state = model._accumulation_state
+    if not state.built:
+        return optimizer_values, None, [], []
+    written = written_variables(model)
+    window_values, read_only_values = rest[: len(written)], rest[len(written) :]
+    if len(read_only_values) != len(read_only_variables(model)):
+        raise RuntimeError(
+            "accum_keras: the JAX training state does not match the model's "
+            "accumulation state; call `model.make_train_function(force=True)` "
+            "after changing the optimizer."
+        )
+    window = dict(zip(_SCALAR_NAMES, window_values))
+    window["gradients"] = list(window_values[len(_SCALAR_NAMES) :])
+    window["accumulation_steps"] = read_only_values[0]
+    return optimizer_values, window, window_values, read_only_values
+
+
+def _join(window: dict) -> list[Any]:
+    return [window[name] for name in _SCALAR_NAMES] + list(window["gradients"])
+
+
+@contextlib.contextmanager
+def _reading(variables: Sequence[Any], values: Sequence[Any]) -> Iterator[None]:
+    """Lets code that reads ``variables`` directly see the step's ``values``.
+
+    A variable read inside `jax.jit` outside a `StatelessScope` would be
+    baked into the compiled step as a constant; the optimizer reads its
+    learning-rate schedule's variables that way.
+    """
+    saved = [v._value for v in variables]
+    for variable, value in zip(variables, values):
+        variable._value = value
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, saved):
+            variable._value = value
+
+
+# -- the steps ------------------------------------------------------------------
+
+
+def plain_train_step(model, state, data):
+    """``accumulation_steps == 1``: Keras' own step, plus the sample counters."""
+    from accum_keras._model import AccumulatingModel
+
+    trainable, non_trainable, optimizer_and_window, metrics = state
+    optimizer_values, window, window_values, read_only_values = _split(model, optimizer_and_window)
+    keras_state = (trainable, non_trainable, optimizer_values, metrics)
+    with _reading(read_only_variables(model)[1:], read_only_values[1:]):
+        logs, keras_state = super(AccumulatingModel, model).train_step(keras_state, data)
+    trainable, non_trainable, optimizer_values, metrics = keras_state
+    if window is not None:
+        x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+        samples = num_samples(x)
+        window["last_update_samples"] = jnp.full_like(window["last_update_samples"], samples)
+        window["samples_seen"] = window["samples_seen"] + samples
+        window_values = _join(window)
+    optimizer_and_window = optimizer_values + window_values + read_only_values
+    return logs, (trainable, non_trainable, optimizer_and_window, metrics)
+
+
+def train_step(model, state, data):
+    """One micro-batch: accumulate its gradient, apply the window when full."""
+    window_state = model._accumulation_state
+    if not window_state.built or not window_state.follows(model.trainable_variables):
+        raise RuntimeError(
+            "accum_keras: the accumulators do not match the model's trainable "
+            "variables. Call `model.make_train_function(force=True)` before "
+            "calling the train function directly."
+        )
+    optimizer = model.optimizer
+    trainable, non_trainable, optimizer_and_window, metrics = state
+    optimizer_values, window, _, read_only_values = _split(model, optimizer_and_window)
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    samples = num_samples(x)
+    is_first = window["micro_step"] == 0
+
+    def objective_fn(trainable, non_trainable, metrics):
+        kwargs = {"training": True} if model._call_has_training_arg else {}
+        y_pred, non_trainable, losses = model.stateless_call(
+            trainable, non_trainable, x, return_losses=True, **kwargs
+        )
+        if losses:
+            # Forward-pass losses (`add_loss`, regularizers) for compute_loss.
+            model._losses_override.clear()
+            model._losses_override = losses
+        with _loss_terms.recorded_terms(model._compile_loss) as terms:
+            loss, (_, non_trainable, metrics) = model.stateless_compute_loss(
+                trainable,
+                non_trainable,
+                metrics,
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=True,
+            )
+        if losses:
+            model._losses_override.clear()
+        weights = _window.micro_batch_weights(
+            loss,
+            terms,
+            samples,
+            window["window_divisor"],
+            window["reference_divisor"],
+            is_first,
+        )
+        mapping = list(zip(optimizer.variables, optimizer_values))
+        with keras_backend.StatelessScope(state_mapping=mapping):
+            objective = optimizer.scale_loss(weights.objective)
+        aux = (loss, y_pred, non_trainable, metrics, weights.divisor, weights.reference_divisor)
+        return objective, aux
+
+    grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
+    (_, aux), gradients = grad_fn(trainable, non_trainable, metrics)
+    loss, y_pred, non_trainable, metrics, divisor, reference = aux
+
+    # A loss-scaling optimizer's scale is constant within a window: the
+    # accumulators hold scaled gradients and the optimizer unscales (and
+    # checks) the window's sum, exactly as it would a single gradient.
+    window = dict(window)
+    window["gradients"] = [
+        accumulated + gradient.astype(accumulated.dtype)
+        for accumulated, gradient in zip(window["gradients"], gradients)
+    ]
+    window["window_divisor"] = window["window_divisor"] + divisor
+    window["reference_divisor"] = reference.astype(window["reference_divisor"].dtype)
+    window["window_samples"] = window["window_samples"] + samples
+    window["samples_seen"] = window["samples_seen"] + samples
+    window["micro_step"] = window["micro_step"] + 1
+    steps = window.pop("accumulation_steps")
+
+    with _reading(read_only_variables(model)[1:], read_only_values[1:]):
+        trainable, optimizer_values, window = jax.lax.cond(
+            window["micro_step"] >= steps,
+            lambda t, o, w: apply_window_values(model, t, o, w),
+            lambda t, o, w: (list(t), list(o), w),
+            list(trainable),
+            optimizer_values,
+            window,
+        )
+
+    logs, metrics = model._update_metrics_variables(metrics, loss, x, y, y_pred, sample_weight)
+    optimizer_and_window = optimizer_values + _join(window) + read_only_values
+    return logs, (trainable, non_trainable, optimizer_and_window, metrics)
+
+
+def apply_window_values(model, trainable, optimizer_values, window):
+    """Stateless window update: the optimizer step and a fresh window.
+
+    Returns:
+        ``(trainable, optimizer_values, window)`` after the update.
+    """
+    scale = _window.update_scale(window["window_divisor"], window["reference_divisor"])
+    gradients = [
+        (accumulated * scale).astype(value.dtype)
+        for accumulated, value in zip(window["gradients"], trainable)
+    ]
+    trainable, optimizer_values = model.optimizer.stateless_apply(
+        optimizer_values, gradients, trainable
+    )
+    window = dict(window)
+    window["gradients"] = [jnp.zeros_like(g) for g in window["gradients"]]
+    window["last_update_samples"] = window["window_samples"]
+    window["window_samples"] = jnp.zeros_like(window["window_samples"])
+    window["window_divisor"] = jnp.zeros_like(window["window_divisor"])
+    window["micro_step"] = jnp.zeros_like(window["micro_step"])
+    return list(trainable), list(optimizer_values), window
+
+
+def make_apply_function(model):
+    """A function that applies the open window to the variables (epoch ends).
+
+    Runs outside the training loop, after Keras synced the state back to the
+    variables; compiled unless the model runs eagerly.
+    """
+    state = model._accumulation_state
+
+    def apply(trainable, optimizer_values, window, read_only_values):
+        with _reading(read_only_variables(model)[1:], read_only_values[1:]):
+            return apply_window_values(model, trainable, optimizer_values, window)
+
+    if not model.run_eagerly and model.jit_compile:
+        apply = jax.jit(apply)
+
+    def apply_pending():
+        variables = written_variables(model)
+        window = dict(zip(_SCALAR_NAMES, [v.value for v in variables]))
+        window["gradients"] = [v.value for v in state.gradients]
+        trainable, optimizer_values, window = apply(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.optimizer.variables],
+            window,
+            [v.value for v in read_only_variables(model)],
+        )
+        for variable, value in zip(model.trainable_variables, trainable):
+            variable.assign(value)
+        for variable, value in zip(model.optimizer.variables, optimizer_values):
+            variable.assign(value)
+        for variable, value in zip(variables, _join(window)):
+            variable.assign(value)
+
+    return apply_pending

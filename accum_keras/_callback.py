@@ -30,7 +30,9 @@ class AccumulationCallback(keras.callbacks.Callback):
       (``accumulation_schedule``), to grow the batch instead of decaying the
       rate (Smith et al. 2017).
     - Adds ``effective_batch_size`` (samples per update, counted),
-      ``accumulation_steps``, ``learning_rate`` and ``updates`` to the logs that
+      ``accumulation_steps``, ``learning_rate``, ``updates`` and
+      ``skipped_updates`` (windows dropped for a non-finite gradient under
+      mixed precision) to the logs that
       the progress bar, `History`, `CSVLogger` and `TensorBoard` see. The model
       runs this callback before the others. At batch level
       ``effective_batch_size`` is that of the last update; at epoch level it is
@@ -184,6 +186,9 @@ class AccumulationCallback(keras.callbacks.Callback):
         logs["accumulation_steps"] = self.model.accumulation_steps
         logs["learning_rate"] = float(ops.convert_to_numpy(optimizer.learning_rate))
         logs["updates"] = self._updates()
+        logs["skipped_updates"] = int(
+            ops.convert_to_numpy(self.model._accumulation_state.skipped_updates)
+        )
 
     def _scheduled_steps(self, epoch: int) -> int:
         schedule = self.accumulation_schedule

@@ -25,7 +25,7 @@ from accum_keras._config import (
 )
 from accum_keras._state import AccumulationState
 
-_SUPPORTED_BACKENDS = ("tensorflow",)
+_SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def _backend_module():
@@ -143,6 +143,7 @@ class AccumulatingModel:
 
     def fit(self, *args, **kwargs):
         _move_accumulation_callbacks_first(args, kwargs)
+        self._forget_host_window()
         self._accumulation_fitting = True
         try:
             return super().fit(*args, **kwargs)
@@ -172,10 +173,15 @@ class AccumulatingModel:
 
     # -- the step ----------------------------------------------------------
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        # ``(data)``, or ``(state, data)`` for JAX's stateless step.
+        backend = _backend_module()
         if self._accumulation_steps == 1:
-            return self._plain_train_step(data)
-        return _backend_module().train_step(self, data)
+            plain_train_step = getattr(backend, "plain_train_step", None)
+            if plain_train_step is not None:
+                return plain_train_step(self, *args)
+            return self._plain_train_step(*args)
+        return backend.train_step(self, *args)
 
     def _plain_train_step(self, data):
         logs = super().train_step(data)
@@ -192,6 +198,8 @@ class AccumulatingModel:
     def _build_accumulation_state(self, with_gradients: bool) -> None:
         """Creates the window state (and accumulators) for the current variables."""
         state = self._accumulation_state
+        # Also called when saved state is loaded.
+        self._forget_host_window()
         with _backend_module().distribution_scope(self):
             state.build_scalars(self._accumulation_steps)
             if with_gradients and not state.follows(self.trainable_variables):
@@ -244,6 +252,31 @@ class AccumulatingModel:
             self._accumulation_apply_function = _backend_module().make_apply_function(self)
         self._accumulation_apply_function()
         return True
+
+    def _forget_host_window(self) -> None:
+        """Backends that mirror the window counter on the host re-read it.
+
+        The PyTorch step decides on the host whether a micro-batch closes its
+        window (no device synchronization per micro-batch); its mirror of
+        ``micro_step`` is re-read from the variable when it may have changed
+        outside the step: at ``fit()`` start and when state is built or loaded.
+        """
+        self._accumulation_host_micro_step = None
+
+    # -- JAX: the window state travels in the state Keras threads through
+    # the compiled step (see `accum_keras._backends.jax`).
+
+    def _get_jax_state(self, **flags):
+        state = super()._get_jax_state(**flags)
+        return _backend_module().add_window_state(self, state, **flags)
+
+    def jax_state_sync(self):
+        _backend_module().sync_window_state(self)
+        super().jax_state_sync()
+
+    def _get_state_sharding_spec(self):
+        shardings = super()._get_state_sharding_spec()
+        return _backend_module().add_window_shardings(self, shardings)
 
     @property
     def pending_micro_steps(self) -> int:

@@ -6,8 +6,11 @@ Public API:
 - `AccumulationCallback`: learning rate for the effective batch, a schedule for
   the number of accumulation steps, and logs of the effective batch size.
 - `ScaledLearningRate`: the learning-rate schedule the callback installs.
+- `layers.AccumBatchNormalization`, `layers.convert_batch_normalization`:
+  BatchNormalization whose moving statistics follow windows, not micro-batches.
 """
 
+from accum_keras import layers
 from accum_keras._callback import AccumulationCallback
 from accum_keras._model import AccumulatingModel, Model, Sequential
 from accum_keras._schedules import ScaledLearningRate
@@ -21,4 +24,5 @@ __all__ = [
     "ScaledLearningRate",
     "Sequential",
     "__version__",
+    "layers",
 ]

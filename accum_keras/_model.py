@@ -211,7 +211,20 @@ class AccumulatingModel:
         self._build_accumulation_state(self.built and self._accumulation_steps > 1)
         self._accumulation_state.accumulation_steps.assign(self._accumulation_steps)
         _loss_terms.install_recorders(self._compile_loss)
+        self._find_window_layers()
         self._accumulation_apply_function = None
+
+    def _find_window_layers(self) -> None:
+        """Tells window-aware layers whether their statistics follow windows."""
+        layers = [
+            layer
+            for layer in self._flatten_layers(include_self=False)
+            if hasattr(layer, "apply_window_statistics")
+        ]
+        # Bypasses Keras' attribute tracking: these layers are already tracked.
+        object.__setattr__(self, "_accumulation_window_layers", layers)
+        for layer in layers:
+            layer.defer_to_window = self._accumulation_steps > 1
 
     def _prepare_accumulation_while_tracing(self, data) -> None:
         """Finishes what `_prepare_accumulation` could not do before tracing.
@@ -238,6 +251,7 @@ class AccumulatingModel:
                 state.build_scalars(self._accumulation_steps)
                 state.follow(self.trainable_variables)
         _loss_terms.install_recorders(compile_loss)
+        self._find_window_layers()
 
     def _apply_pending_window(self) -> bool:
         """Applies a partially filled window now.

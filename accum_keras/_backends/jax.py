@@ -111,11 +111,16 @@ def add_window_state(model, state: tuple, **flags) -> tuple:
         return state
     written = written_variables(model)
     read_only = read_only_variables(model)
-    # Remember what was handed out: `sync_window_state` writes back these.
-    model._accumulation_jax_written = written
+    # Remember what was handed out: `sync_window_state` writes back these
+    # (kept on the state object: a list of variables set on the model would
+    # be tracked as the model's weights).
+    model._accumulation_state.jax_written_variables = written
     index = _optimizer_list_index(flags)
     state = list(state)
-    state[index] = list(state[index]) + [v.value for v in written + read_only]
+    # Read-only values are copies: the step donates its state, and these
+    # variables are neither purged nor written back.
+    values = [v.value for v in written] + [jnp.copy(v.value) for v in read_only]
+    state[index] = list(state[index]) + values
     if flags.get("purge_model_variables"):
         # Like Keras' own variables: the arrays now belong to the step (which
         # donates them); the variables get them back at the next sync.
@@ -133,7 +138,7 @@ def sync_window_state(model) -> None:
     if not jax_state or model._jax_state_synced:
         return
     values = jax_state.get("optimizer_variables")
-    written = getattr(model, "_accumulation_jax_written", None)
+    written = getattr(model._accumulation_state, "jax_written_variables", None)
     if not values or not written:
         return
     values = values[len(model.optimizer.variables) :]

@@ -1,0 +1,191 @@
+"""`AccumBatchNormalization`: moving statistics updated once per window, with pooled statistics.
+
+Inside a window each micro-batch is still normalized with its own statistics
+(like any BatchNormalization at that batch size: "ghost batch norm"), but the
+moving mean and variance are not updated per micro-batch. The layer pools the
+count, mean and sum of squared deviations of every micro-batch of the window
+(Chan et al.'s parallel update, numerically stable) and updates the moving
+statistics once, when the window is applied, with the mean and (biased)
+variance of all the window's samples: what batch ``k * b`` would have stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+from keras.src.saving.keras_saveable import KerasSaveable
+
+
+class WindowStatistics(KerasSaveable):
+    """Pooled statistics of the open window of one layer (training state).
+
+    Attributes:
+        count: number of values pooled per channel.
+        mean: their mean, per channel.
+        m2: their sum of squared deviations from ``mean``, per channel.
+    """
+
+    def __init__(self, channels: int):
+        def zeros(shape, name):
+            return keras.Variable(
+                initializer="zeros",
+                shape=shape,
+                dtype="float32",
+                trainable=False,
+                name=name,
+                aggregation="only_first_replica",
+            )
+
+        self.count = zeros((), "window_count")
+        self.mean = zeros((channels,), "window_mean")
+        self.m2 = zeros((channels,), "window_m2")
+
+    def _obj_type(self):
+        # See `AccumulationState._obj_type`.
+        return "Operation"
+
+    def add(self, count: Any, mean: Any, variance: Any) -> None:
+        """Pools one micro-batch's ``count`` values of ``mean`` and biased ``variance``."""
+        total = self.count.value + count
+        delta = mean - self.mean.value
+        self.mean.assign(self.mean.value + delta * ops.divide_no_nan(count, total))
+        self.m2.assign(
+            self.m2.value
+            + variance * count
+            + ops.square(delta) * ops.divide_no_nan(self.count.value * count, total)
+        )
+        self.count.assign(total)
+
+    def variance(self) -> Any:
+        return ops.divide_no_nan(self.m2.value, self.count.value)
+
+    def reset(self) -> None:
+        for variable in (self.count, self.mean, self.m2):
+            variable.assign(ops.zeros_like(variable.value))
+
+    def save_own_variables(self, store) -> None:
+        for name in ("count", "mean", "m2"):
+            store[name] = getattr(self, name).numpy()
+
+    def load_own_variables(self, store) -> None:
+        for name in ("count", "mean", "m2"):
+            getattr(self, name).assign(store[name])
+
+
+@keras.saving.register_keras_serializable(package="accum_keras")
+class AccumBatchNormalization(keras.layers.BatchNormalization):
+    """A `keras.layers.BatchNormalization` that respects accumulation windows.
+
+    Takes the same arguments and has the same weights as BatchNormalization
+    (weights can be copied both ways). Inside an `AccumulatingModel` with
+    ``accumulation_steps > 1`` the moving mean and variance are updated once
+    per window with the pooled statistics of all the window's samples, which
+    is what BatchNormalization on the big batch stores. Elsewhere (plain
+    models, ``accumulation_steps == 1``, inference) it is BatchNormalization.
+    Batch renormalization (``renorm=True``) is not supported.
+
+    Example:
+
+    ```python
+    model = accum_keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(16, 3),
+        accum_keras.layers.AccumBatchNormalization(),
+        keras.layers.ReLU(),
+    ], accumulation_steps=8)
+    ```
+    """
+
+    def __init__(self, **kwargs):
+        if kwargs.get("renorm"):
+            raise ValueError(
+                "AccumBatchNormalization does not support `renorm=True` "
+                "(its corrections depend on each batch's statistics)."
+            )
+        super().__init__(**kwargs)
+        self.defer_to_window = False
+        self._window: WindowStatistics | None = None
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        channels = input_shape[self.axis]
+        self._window = WindowStatistics(channels)
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable and self.defer_to_window):
+            return super().call(inputs, training=training, mask=mask)
+        inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        mean, variance = self._moments(inputs, mask)
+        self._window.add(self._count(inputs, mask), mean, variance)
+        gamma = ops.cast(self.gamma, inputs.dtype) if self.scale else None
+        beta = ops.cast(self.beta, inputs.dtype) if self.center else None
+        outputs = ops.batch_normalization(
+            x=inputs,
+            mean=mean,
+            variance=variance,
+            axis=self.axis,
+            offset=beta,
+            scale=gamma,
+            epsilon=self.epsilon,
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _count(self, inputs, mask):
+        if mask is not None:
+            # Each valid position contributes one value to every channel.
+            return ops.sum(ops.cast(mask, "float32"))
+        shape = ops.shape(inputs)
+        count = 1.0
+        for axis in self._reduction_axes:
+            count = count * ops.cast(shape[axis], "float32")
+        return count
+
+    def apply_window_statistics(self) -> None:
+        """Updates the moving statistics with the window's pooled statistics."""
+        window = self._window
+        momentum = self.momentum
+        has_data = window.count.value > 0
+        new_mean = self.moving_mean * momentum + window.mean.value * (1.0 - momentum)
+        new_variance = self.moving_variance * momentum + window.variance() * (1.0 - momentum)
+        self.moving_mean.assign(ops.where(has_data, new_mean, self.moving_mean))
+        self.moving_variance.assign(ops.where(has_data, new_variance, self.moving_variance))
+        window.reset()
+
+
+def convert_batch_normalization(model: keras.Model) -> keras.Model:
+    """Returns a copy of a functional or sequential model with accumulation-aware BatchNorm.
+
+    Every `keras.layers.BatchNormalization` becomes an `AccumBatchNormalization`
+    with the same configuration and weights; other layers are cloned with
+    their weights. An accumulating model stays accumulating (same
+    ``accumulation_steps``).
+
+    Args:
+        model: a functional or `Sequential` model (subclassed models have no
+            graph to rebuild: replace their layers in code instead).
+
+    Returns:
+        The converted model, uncompiled.
+
+    Example:
+
+    ```python
+    model = accum_keras.layers.convert_batch_normalization(model)
+    model.compile(...)
+    ```
+    """
+
+    def clone(layer):
+        config = layer.get_config()
+        if type(layer) is keras.layers.BatchNormalization:
+            return AccumBatchNormalization.from_config(config)
+        return layer.__class__.from_config(config)
+
+    converted = keras.models.clone_model(model, clone_function=clone)
+    converted.set_weights(model.get_weights())
+    steps = getattr(model, "accumulation_steps", None)
+    if steps is not None and hasattr(converted, "accumulation_steps"):
+        converted.accumulation_steps = steps
+    return converted

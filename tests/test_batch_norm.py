@@ -28,7 +28,7 @@ def images(samples, seed=0):
 
 
 def moving_statistics(model):
-    layer = next(l for l in model.layers if isinstance(l, keras.layers.BatchNormalization))
+    layer = next(x for x in model.layers if isinstance(x, keras.layers.BatchNormalization))
     return layer.moving_mean.numpy(), layer.moving_variance.numpy()
 
 
@@ -77,7 +77,7 @@ def test_conversion_keeps_weights_and_serializes(tmp_path):
     keras.utils.set_random_seed(0)
     model = accum_keras.Model(*bn_layers(keras.layers.BatchNormalization)(), accumulation_steps=3)
     converted = convert_batch_normalization(model)
-    assert any(isinstance(l, AccumBatchNormalization) for l in converted.layers)
+    assert any(isinstance(layer, AccumBatchNormalization) for layer in converted.layers)
     assert converted.accumulation_steps == 3
     for a, b in zip(model.get_weights(), converted.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -86,7 +86,7 @@ def test_conversion_keeps_weights_and_serializes(tmp_path):
     converted.fit(x, y, batch_size=MICRO, verbose=0)
     converted.save(tmp_path / "bn.keras")
     restored = keras.models.load_model(tmp_path / "bn.keras")
-    assert any(isinstance(l, AccumBatchNormalization) for l in restored.layers)
+    assert any(isinstance(layer, AccumBatchNormalization) for layer in restored.layers)
     np.testing.assert_allclose(restored.predict(x, verbose=0), converted.predict(x, verbose=0))
 
 

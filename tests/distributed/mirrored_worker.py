@@ -11,19 +11,19 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
-import tensorflow as tf
+import tensorflow as tf  # noqa: E402
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
 )
 
-import keras
+import keras  # noqa: E402
 
-import accum_keras
+import accum_keras  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import max_relative_difference
+from helpers import max_relative_difference  # noqa: E402
 
 GLOBAL_MICRO, K = 8, 4
 

@@ -165,6 +165,15 @@ class AccumulatingModel:
             self._apply_pending_window()
         return super()._get_metrics_result_or_logs(logs)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 learns the input shapes by reducing the first distributed
+        # batch across replicas, which fails under MultiWorkerMirroredStrategy
+        # (plain Keras models crash there too); one replica's batch has the
+        # shapes it needs.
+        if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
+            data_batch, iterator = _backend_module().first_local_batch(self, iterator), None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def make_train_function(self, force: bool = False):
         if self.train_function is not None and not force:
             return self.train_function

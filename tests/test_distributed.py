@@ -7,13 +7,16 @@ TensorFlow starts, so the cases run in their own process
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 from helpers import RTOL
 
-WORKER = os.path.join(os.path.dirname(__file__), "distributed", "mirrored_worker.py")
+HERE = os.path.join(os.path.dirname(__file__), "distributed")
+WORKER = os.path.join(HERE, "mirrored_worker.py")
+MULTI_WORKER = os.path.join(HERE, "multi_worker_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +40,41 @@ def test_the_logged_effective_batch_size_is_global(mirrored_results):
     # 60 samples in windows of 32 and 28 (global micro-batch 8 = 2 x 4).
     assert mirrored_results["adam"]["effective_batch_size"] == [30.0, 30.0]
     assert mirrored_results["adam_l2_equal_windows"]["effective_batch_size"] == [32.0, 32.0]
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
+    # Two worker processes on loopback ports, one replica each; 60 samples in
+    # global micro-batches of 8 and windows of 4 (the last one short).
+    cluster = {"worker": [f"127.0.0.1:{_free_loopback_port()}" for _ in range(2)]}
+    workers = []
+    try:
+        for index in range(2):
+            config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            env = dict(os.environ, TF_CONFIG=json.dumps(config))
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, MULTI_WORKER],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for worker, (stdout, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+        result = json.loads(stdout.strip().splitlines()[-1])
+        assert result["workers"] == 2
+        assert result["updates"] == result["reference_updates"] == 4
+        assert result["difference"] <= RTOL

@@ -27,6 +27,7 @@ from typing import Any
 
 import tensorflow as tf
 from keras.src import tree
+from keras.src.backend.tensorflow.trainer import _collective_all_reduce_multi_worker
 from keras.src.losses import loss as keras_loss
 from keras.src.trainers.data_adapters import data_adapter_utils
 
@@ -42,6 +43,21 @@ def num_samples(x) -> Any:
     """Samples in a micro-batch, counted as Keras' loss tracker counts them."""
     first = next(leaf for leaf in tree.flatten(x) if leaf is not None)
     return tf.shape(first)[0]
+
+
+def first_local_batch(model, iterator):
+    """The first batch of a distributed epoch iterator, as one replica sees it."""
+    strategy = model.distribute_strategy
+    for _, _, batches in iterator:
+        return tree.map_structure(
+            lambda value: (
+                strategy.experimental_local_results(value)[0]
+                if isinstance(value, tf.distribute.DistributedValues)
+                else value
+            ),
+            next(batches),
+        )
+    return None
 
 
 def _num_replicas(model) -> int:
@@ -99,7 +115,12 @@ def train_step(model, data):
     state.samples_seen.assign_add(tf.cast(global_samples, "float32"))
     state.micro_step.assign_add(1)
     _apply_window_when_full(model)
-    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    if _collective_all_reduce_multi_worker(model.distribute_strategy):
+        # Keras 3.15 averages step logs across workers along axis 0, which
+        # fails for scalars (plain Keras models crash there too).
+        logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
+    return logs
 
 
 def _add_to_accumulators(accumulators, gradients, loss_scale, replicas: int) -> None:

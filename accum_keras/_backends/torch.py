@@ -1,0 +1,186 @@
+"""PyTorch mechanics of the accumulating ``train_step``.
+
+What a window *is* lives in `accum_keras._window`; this module only says how an
+eager PyTorch step computes the gradient of a micro-batch's accumulation
+objective, adds it to the accumulators and, every ``k``-th micro-batch, hands
+the window's gradient to the optimizer.
+
+No host-device synchronization per micro-batch. Whether a micro-batch closes
+its window is decided in Python from a host mirror of ``micro_step`` (the
+model's ``_accumulation_host_micro_step``), never from a device tensor; the
+mirror is re-read from the variable (one synchronization) only when it may
+have changed outside the step: at ``fit()`` start and when window state is
+built or loaded. Everything else (the window's divisors, counters, the update
+scale) stays on the device.
+
+The accumulators are the parameters' ``.grad``. For the duration of the
+backward pass each parameter's ``.grad`` *is* its float32 accumulator
+(`AccumulationState.gradients`, the tensors that are saved), so autograd adds
+the micro-batch's gradient into it in place: no per-step gradient tensors are
+kept alive next to the accumulators and no separate add runs, and the memory
+is that of plain Keras (parameters plus one gradient buffer each). ``.grad`` is
+reset to `None` after the backward pass, so nothing else (``zero_grad``, a
+plain Keras step) can touch the window. Parameters that are not float32 (or not
+dense) and the first micro-step after the trainable variables change, which
+finds out which variables get no gradient (they are passed to the optimizer as
+`None`, as plain Keras does), use ``torch.autograd.grad`` and an explicit add.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from keras.src import tree
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from accum_keras import _loss_terms, _window
+
+
+def distribution_scope(model):
+    """The scope accumulators are created in (none on PyTorch)."""
+    return contextlib.nullcontext()
+
+
+def num_samples(x) -> int:
+    """Samples in a micro-batch, counted as Keras' loss tracker counts them."""
+    first = next(leaf for leaf in tree.flatten(x) if leaf is not None)
+    return first.shape[0]
+
+
+def _host_micro_step(model) -> int:
+    micro_step = getattr(model, "_accumulation_host_micro_step", None)
+    if micro_step is None:
+        # The one synchronization: after fit() starts or state was loaded.
+        micro_step = int(model._accumulation_state.micro_step.value.item())
+        model._accumulation_host_micro_step = micro_step
+    return micro_step
+
+
+def train_step(model, data):
+    """One micro-batch: accumulate its gradient, apply the window when full."""
+    model._prepare_accumulation_while_tracing(data)
+    state = model._accumulation_state
+    optimizer = model.optimizer
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    samples = num_samples(x)
+    micro_step = _host_micro_step(model)
+    is_first = state.micro_step.value == 0  # a device tensor, no sync
+
+    y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
+    with _loss_terms.recorded_terms(model._compile_loss) as terms:
+        loss = model._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+    model._loss_tracker.update_state(loss, sample_weight=samples)
+    weights = _window.micro_batch_weights(
+        loss,
+        terms,
+        samples,
+        state.window_divisor.value,
+        state.reference_divisor.value,
+        is_first,
+    )
+    # A loss-scaling optimizer's scale is constant within a window: the
+    # accumulators hold scaled gradients and the optimizer unscales (and
+    # checks) the window's sum, exactly as it would a single gradient.
+    objective = optimizer.scale_loss(weights.objective)
+    _accumulate(model, objective)
+
+    with torch.no_grad():
+        # In place, with Python numbers as kernel arguments: no host-to-device
+        # copies either.
+        state.window_divisor.value.add_(weights.divisor.detach())
+        state.reference_divisor.value.copy_(weights.reference_divisor.detach())
+        state.window_samples.value.add_(samples)
+        state.samples_seen.value.add_(float(samples))
+        state.micro_step.value.add_(1)
+    model._accumulation_host_micro_step = micro_step + 1
+    if micro_step + 1 >= model._accumulation_steps:
+        apply_window(model)
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _accumulate(model, objective) -> None:
+    """Adds the gradient of ``objective`` to the accumulators."""
+    state = model._accumulation_state
+    parameters = [v.value for v in state.accumulated_variables]
+    accumulators = [a.value for a in state.gradients]
+    key = tuple(id(v) for v in state.accumulated_variables)
+    known = getattr(state, "torch_has_gradient", None)
+    if known is None or known[0] != key or not _can_alias(parameters, accumulators):
+        gradients = torch.autograd.grad(objective, parameters, allow_unused=True)
+        with torch.no_grad():
+            for accumulator, gradient in zip(accumulators, gradients):
+                if gradient is not None:
+                    accumulator.add_(gradient.to(accumulator.dtype))
+        state.torch_has_gradient = (key, [g is not None for g in gradients])
+        return
+    for parameter, accumulator in zip(parameters, accumulators):
+        parameter.grad = accumulator
+    try:
+        objective.backward()
+    finally:
+        for parameter in parameters:
+            parameter.grad = None
+
+
+def _can_alias(parameters, accumulators) -> bool:
+    return all(
+        p.dtype == a.dtype and p.device == a.device and p.shape == a.shape and p.layout == a.layout
+        for p, a in zip(parameters, accumulators)
+    )
+
+
+def apply_window(model) -> None:
+    """Hands the window's gradient to the optimizer and opens a new window.
+
+    The accumulators are scaled in place and handed over as the gradients (no
+    copy); variables that received no gradient get `None`, as in plain Keras.
+    """
+    state = model._accumulation_state
+    optimizer = model.optimizer
+    known = getattr(state, "torch_has_gradient", None)
+    key = tuple(id(v) for v in state.accumulated_variables)
+    has_gradient = known[1] if known is not None and known[0] == key else None
+    if has_gradient is None:
+        has_gradient = [True] * len(state.gradients)
+    with torch.no_grad():
+        scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
+        gradients = []
+        for accumulator, variable, present in zip(
+            state.gradients, state.accumulated_variables, has_gradient
+        ):
+            if not present:
+                gradients.append(None)
+                continue
+            gradient = accumulator.value.mul_(scale)
+            if gradient.dtype != variable.value.dtype:
+                gradient = gradient.to(variable.value.dtype)
+            gradients.append(gradient)
+        if hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale"):
+            finite = all_finite(gradients)
+            state.skipped_updates.assign_add(torch.logical_not(finite).to(torch.int32))
+        optimizer.apply(gradients, state.accumulated_variables)
+        for layer in getattr(model, "_accumulation_window_layers", ()):
+            layer.apply_window_statistics()
+        for accumulator in state.gradients:
+            accumulator.value.zero_()
+        state.last_update_samples.value.copy_(state.window_samples.value)
+        state.window_samples.value.zero_()
+        state.window_divisor.value.zero_()
+        state.micro_step.value.zero_()
+    model._accumulation_host_micro_step = 0
+
+
+def all_finite(gradients) -> Any:
+    present = [g for g in gradients if g is not None]
+    if not present:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(g).all() for g in present]).all()
+
+
+def make_apply_function(model):
+    """A function that applies the open window now (used at epoch ends)."""
+    return lambda: apply_window(model)

@@ -1,0 +1,61 @@
+"""One worker of a two-process MultiWorkerMirroredStrategy run (own process).
+
+TF_CONFIG (set by the test) points both workers at loopback ports. Each worker
+trains the accumulating model under the strategy and, outside it, plain Keras
+on one device with the global big batch; it prints one JSON line with the
+relative weight difference and both update counts.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+import keras  # noqa: E402
+
+import accum_keras  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from helpers import max_relative_difference  # noqa: E402
+
+GLOBAL_MICRO, K, SAMPLES = 8, 4, 60
+
+
+def layers():
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+    return inputs, keras.layers.Dense(1)(hidden)
+
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(SAMPLES, 5)).astype("float32")
+y = rng.normal(size=(SAMPLES, 1)).astype("float32")
+
+keras.utils.set_random_seed(0)
+reference = keras.Model(*layers())
+initial = reference.get_weights()
+reference.compile(keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
+reference.fit(x, y, batch_size=GLOBAL_MICRO * K, epochs=2, shuffle=False, verbose=0)
+
+with strategy.scope():
+    model = accum_keras.Model(*layers(), accumulation_steps=K)
+    model.set_weights(initial)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
+dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_MICRO)
+model.fit(dataset, epochs=2, verbose=0)
+print(
+    json.dumps(
+        {
+            "workers": strategy.cluster_resolver.cluster_spec().num_tasks("worker"),
+            "difference": max_relative_difference(model.get_weights(), reference.get_weights()),
+            "updates": int(model.optimizer.iterations.numpy()),
+            "reference_updates": int(reference.optimizer.iterations.numpy()),
+        }
+    )
+)

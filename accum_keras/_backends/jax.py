@@ -179,6 +179,17 @@ def _join(window: dict) -> list[Any]:
     return [window[name] for name in _SCALAR_NAMES] + list(window["gradients"])
 
 
+def _cond(predicate, true_fn, false_fn, *operands):
+    """`jax.lax.cond` under tracing; a Python branch when running eagerly.
+
+    Run eagerly (``run_eagerly=True`` or ``jit_compile=False``), `lax.cond`
+    would trace and compile both branches on every micro-batch.
+    """
+    if isinstance(predicate, jax.core.Tracer):
+        return jax.lax.cond(predicate, true_fn, false_fn, *operands)
+    return true_fn(*operands) if bool(predicate) else false_fn(*operands)
+
+
 @contextlib.contextmanager
 def _reading(variables: Sequence[Any], values: Sequence[Any]) -> Iterator[None]:
     """Lets code that reads ``variables`` directly see the step's ``values``.
@@ -292,7 +303,7 @@ def train_step(model, state, data):
     steps = window.pop("accumulation_steps")
 
     with _reading(read_only_variables(model)[1:], read_only_values[1:]):
-        trainable, optimizer_values, window = jax.lax.cond(
+        trainable, optimizer_values, window = _cond(
             window["micro_step"] >= steps,
             lambda t, o, w: apply_window_values(model, t, o, w),
             lambda t, o, w: (list(t), list(o), w),

@@ -100,8 +100,10 @@ def train_step(model, data):
             sum_over_replicas=_sum_over_replicas,
             num_replicas=replicas,
         )
-        loss_scale = optimizer.scale_loss(tf.constant(1.0))
-        objective = weights.objective * tf.cast(loss_scale, weights.objective.dtype)
+        loss_scale = _loss_scale(optimizer)
+        objective = weights.objective
+        if loss_scale is not None:
+            objective = objective * tf.cast(loss_scale, objective.dtype)
 
     variables = state.accumulated_variables
     gradients = tape.gradient(objective, variables)
@@ -123,18 +125,28 @@ def train_step(model, data):
     return logs
 
 
+def _loss_scale(optimizer):
+    """The factor ``optimizer.scale_loss`` multiplies by, or None when it has none."""
+    if _is_loss_scale_optimizer(optimizer) or getattr(optimizer, "loss_scale_factor", None):
+        return tf.cast(optimizer.scale_loss(tf.constant(1.0)), "float32")
+    return None
+
+
 def _add_to_accumulators(accumulators, gradients, loss_scale, replicas: int) -> None:
+    def unscaled(values):
+        values = tf.cast(values, "float32")
+        return values if loss_scale is None else values / loss_scale
+
     for accumulator, gradient in zip(accumulators, gradients):
         if gradient is None:
             continue
         if isinstance(gradient, tf.IndexedSlices) and replicas == 1:
-            values = tf.cast(gradient.values, "float32") / loss_scale
             accumulator.value.scatter_add(
-                tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+                tf.IndexedSlices(unscaled(gradient.values), gradient.indices, gradient.dense_shape)
             )
         else:
             # Replica-local (on-read) variables take dense updates only.
-            accumulator.assign_add(tf.cast(tf.convert_to_tensor(gradient), "float32") / loss_scale)
+            accumulator.assign_add(unscaled(tf.convert_to_tensor(gradient)))
 
 
 def _window_is_full(state):
@@ -180,10 +192,11 @@ def apply_window(model) -> None:
     has_gradient = getattr(model, "_accumulation_has_gradient", None)
     if has_gradient is None or len(has_gradient) != len(state.gradients):
         has_gradient = [True] * len(state.gradients)
-    loss_scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), "float32")
     scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
-    # The optimizer unscales what it is given, as for a plain step.
-    scale = scale * loss_scale
+    loss_scale = _loss_scale(optimizer)
+    if loss_scale is not None:
+        # The optimizer unscales what it is given, as for a plain step.
+        scale = scale * loss_scale
     gradients = [
         tf.cast(accumulator.value * scale, variable.dtype) if present else None
         for accumulator, variable, present in zip(

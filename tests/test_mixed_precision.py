@@ -74,7 +74,7 @@ def test_a_window_with_a_non_finite_gradient_is_skipped_and_counted(policy):
     assert int(state.skipped_updates.numpy()) == 1
     assert int(model.optimizer.iterations.numpy()) == 0
     np.testing.assert_array_equal(model.get_weights()[0], initial[0])
-    assert all(np.all(a.numpy() == 0) for a in state.gradients)  # nothing carried over
+    assert model.pending_micro_steps == 0  # nothing carried into the next window
     scale = float(model.optimizer.dynamic_scale.numpy())
     assert start_scale is None or scale == start_scale / 2
     # The next window trains normally.

@@ -108,7 +108,7 @@ def train_step(model, data):
     variables = state.accumulated_variables
     gradients = tape.gradient(objective, variables)
     model._accumulation_has_gradient = [g is not None for g in gradients]
-    _add_to_accumulators(state.gradients, gradients, loss_scale, replicas)
+    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
 
     global_samples = _sum_over_replicas(samples)
     state.window_divisor.assign_add(weights.divisor)
@@ -132,21 +132,38 @@ def _loss_scale(optimizer):
     return None
 
 
-def _add_to_accumulators(accumulators, gradients, loss_scale, replicas: int) -> None:
+def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first) -> None:
+    """Adds a micro-batch's gradients to the accumulators.
+
+    The first micro-batch of a window overwrites them instead, so applying a
+    window needs no zeroing pass: zeroing every accumulator at once would
+    materialize a full-size zero tensor per accumulator, one more copy of the
+    weights at peak memory.
+    """
+    pairs = [(a, g) for a, g in zip(accumulators, gradients) if g is not None]
+
     def unscaled(values):
         values = tf.cast(values, "float32")
         return values if loss_scale is None else values / loss_scale
 
-    for accumulator, gradient in zip(accumulators, gradients):
-        if gradient is None:
-            continue
-        if isinstance(gradient, tf.IndexedSlices) and replicas == 1:
-            accumulator.value.scatter_add(
-                tf.IndexedSlices(unscaled(gradient.values), gradient.indices, gradient.dense_shape)
-            )
-        else:
-            # Replica-local (on-read) variables take dense updates only.
-            accumulator.assign_add(unscaled(tf.convert_to_tensor(gradient)))
+    def write(overwrite: bool):
+        for accumulator, gradient in pairs:
+            if isinstance(gradient, tf.IndexedSlices) and replicas == 1:
+                if overwrite:
+                    accumulator.assign(tf.zeros_like(accumulator.value))
+                accumulator.value.scatter_add(
+                    tf.IndexedSlices(
+                        unscaled(gradient.values), gradient.indices, gradient.dense_shape
+                    )
+                )
+            elif overwrite:
+                accumulator.assign(unscaled(tf.convert_to_tensor(gradient)))
+            else:
+                # Replica-local (on-read) variables take dense updates only.
+                accumulator.assign_add(unscaled(tf.convert_to_tensor(gradient)))
+        return tf.constant(True)
+
+    tf.cond(is_first, lambda: write(overwrite=True), lambda: write(overwrite=False))
 
 
 def _window_is_full(state):
@@ -209,8 +226,6 @@ def apply_window(model) -> None:
     optimizer.apply(gradients, state.accumulated_variables)
     for layer in getattr(model, "_accumulation_window_layers", ()):
         layer.apply_window_statistics()
-    for accumulator in state.gradients:
-        accumulator.assign(tf.zeros_like(accumulator.value))
     state.last_update_samples.assign(state.window_samples.value)
     state.window_samples.assign(0)
     state.window_divisor.assign(0.0)

@@ -1,0 +1,428 @@
+"""Time per micro-batch: plain Keras vs Keras' built-in accumulation vs accum_keras.
+
+What is measured
+----------------
+Three arms train the same model at the same micro-batch size ``b``, side by
+side in one process:
+
+- ``plain``: a plain ``keras.Model`` (one optimizer update per micro-batch);
+- ``built-in``: a plain ``keras.Model`` whose optimizer has
+  ``gradient_accumulation_steps=k``;
+- ``accum_keras``: ``accum_keras.Model(..., accumulation_steps=k)``.
+
+Every arm trains with ``model.fit`` on in-memory numpy arrays, one epoch of
+``steps`` micro-batches per call (``steps`` is a multiple of ``k``, so windows
+never straddle two calls). A first short ``fit`` of every arm traces (and, with
+XLA, compiles) the step and is not timed. Then the arms take turns, one epoch
+each, ``repeats`` times, in an order rotated every round so that slow drift of
+the machine (other jobs, thermal state) is shared between the arms. A callback
+time-stamps the end of every micro-batch; the time of a window runs from the
+end of the previous window to the end of its own, so it holds exactly ``k``
+micro-batches and one optimizer update (the same ``k`` micro-batches hold ``k``
+updates in the plain arm). The first window of every epoch, which also holds
+``fit()``'s set-up, is left out. The table reports the median over all timed
+windows of an arm, divided by ``k``: milliseconds per micro-batch. The
+median of the windows resists the bursts of other jobs on a shared machine;
+``spread`` is (max - min) / median of the per-epoch medians, a rough noise
+level. accum/built-in and accum/plain are the ratios of the medians. A second
+table gives the same windows in process CPU time (all threads), which other
+jobs on a shared machine disturb less than the wall clock.
+
+The floor
+---------
+An accumulating micro-batch cannot cost less than
+
+    forward + backward + one add per parameter (into the accumulator)
+        + 1/k of an optimizer update (+ 1/k of zeroing the accumulators),
+
+whereas a plain micro-batch costs forward + backward + one full optimizer
+update. The ``floor`` column estimates it from the plain arm's time and two
+small measurements on copies of the model's variables, timed in the same
+rotation as the arms: the time of one optimizer update (``opt``, a compiled
+``optimizer.apply`` on fixed gradients) and the time of one add of a gradient
+into float32 accumulators (``add``):
+
+    floor = plain - opt + opt / k + add
+
+(this floor assumes the add and the update are not overlapped with the
+backward pass). On a compute-bound model (the CNN) the three arms should be
+within noise of each other; on a parameter-heavy model (the MLP) the per
+parameter add is visible and accumulation can be *faster* than plain Keras
+when the optimizer update costs more than an add (Adam touches three
+variables per parameter). Keras' built-in accumulation adds per micro-batch
+too, so accum_keras / built-in is the number to watch: about 1.0 means
+accum_keras' exact window normalization costs nothing measurable.
+
+On CPU-only machines Keras resolves ``jit_compile="auto"`` to ``False``, so
+that mode is the same program as ``jit_compile=False`` and is reported as
+such instead of being timed twice; ``--jit true`` (in the ``--full`` default)
+adds XLA.
+
+Usage::
+
+    python benchmarks/overhead.py          # quick (about 2 minutes on 2 CPU cores)
+    python benchmarks/overhead.py --full   # bigger models, more steps and repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+if __name__ == "__main__":
+    # The command line first, before TensorFlow's start-up logs.
+    print("$ " + shlex.join(sys.orig_argv), flush=True)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import accum_keras
+
+ARMS = ("plain", "built-in", "accum_keras")
+
+
+def library_revision() -> str:
+    """The git commit of the accum_keras checkout, and whether its files are modified."""
+    package = os.path.dirname(os.path.abspath(accum_keras.__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", package, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", package, "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return f"git {commit}" + (", with uncommitted changes" if changed else "")
+
+
+# -- models -----------------------------------------------------------------
+
+
+def cnn_layers(image_size: int, channels: int, classes: int = 10):
+    """A compute-bound small CNN: few parameters, most time in convolutions."""
+    inputs = keras.Input((image_size, image_size, 3))
+    x = inputs
+    for width in (channels, channels, "pool", 2 * channels, 2 * channels, "pool"):
+        if width == "pool":
+            x = keras.layers.MaxPooling2D()(x)
+        else:
+            x = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(classes)(x)
+    return inputs, outputs, (image_size, image_size, 3), classes
+
+
+def mlp_layers(features: int, width: int, depth: int, classes: int = 10):
+    """A parameter-heavy MLP: little compute per parameter at small batches."""
+    inputs = keras.Input((features,))
+    x = inputs
+    for _ in range(depth):
+        x = keras.layers.Dense(width, activation="relu")(x)
+    outputs = keras.layers.Dense(classes)(x)
+    return inputs, outputs, (features,), classes
+
+
+def make_optimizer(name: str, accumulation_steps: int | None):
+    kwargs = {"gradient_accumulation_steps": accumulation_steps} if accumulation_steps else {}
+    if name == "adam":
+        return keras.optimizers.Adam(1e-4, **kwargs)
+    if name == "sgd":
+        return keras.optimizers.SGD(1e-3, momentum=0.9, **kwargs)
+    raise ValueError(name)
+
+
+def build_arm(arm: str, build, k: int, optimizer: str, jit_compile, seed: int):
+    """One compiled model of an arm; every arm starts from the same weights."""
+    keras.utils.set_random_seed(seed)
+    inputs, outputs, _, _ = build()
+    if arm == "accum_keras":
+        model = accum_keras.Model(inputs, outputs, accumulation_steps=k)
+        opt = make_optimizer(optimizer, None)
+    else:
+        model = keras.Model(inputs, outputs)
+        opt = make_optimizer(optimizer, k if arm == "built-in" else None)
+    model.compile(
+        optimizer=opt,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+# -- timing -----------------------------------------------------------------
+
+
+class BatchClock(keras.callbacks.Callback):
+    """Wall-clock and process CPU-time stamps of the end of every training micro-batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stamps: list[tuple[float, float]] = []
+
+    def on_train_begin(self, logs=None):
+        self.stamps = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.stamps.append((time.perf_counter(), time.process_time()))
+
+
+def time_epoch(model, x, y, b: int, k: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds per micro-batch of every whole window of one epoch but the first.
+
+    A window's time runs from the end of the previous window's last micro-batch
+    to the end of its own, so it holds exactly ``k`` micro-batches and one
+    optimizer update; the first window, which also holds ``fit()``'s set-up,
+    is left out.
+    """
+    clock = BatchClock()
+    model.fit(x, y, batch_size=b, epochs=1, shuffle=False, verbose=0, callbacks=[clock])
+    ends = clock.stamps[k - 1 :: k]
+    return [
+        ((later[0] - earlier[0]) / k, (later[1] - earlier[1]) / k)
+        for earlier, later in itertools.pairwise(ends)
+    ]
+
+
+class FloorParts:
+    """Times one optimizer update and one accumulator add on copies of a model's variables."""
+
+    def __init__(self, model, optimizer: str, jit_compile: bool):
+        shapes = [v.shape for v in model.trainable_variables]
+        self.variables = [tf.Variable(tf.random.normal(s, seed=i)) for i, s in enumerate(shapes)]
+        self.accumulators = [tf.Variable(tf.zeros(s), trainable=False) for s in shapes]
+        gradients = [tf.random.normal(s, stddev=1e-3, seed=i) for i, s in enumerate(shapes)]
+        opt = make_optimizer(optimizer, None)
+        opt.build(self.variables)
+
+        @tf.function(jit_compile=jit_compile)
+        def update():
+            opt.apply(gradients, self.variables)
+
+        @tf.function(jit_compile=jit_compile)
+        def add():
+            for accumulator, gradient in zip(self.accumulators, gradients):
+                accumulator.assign_add(gradient)
+
+        self.functions = {"opt": update, "add": add}
+        for name in self.functions:  # trace
+            self.time(name, 1)
+
+    def time(self, name: str, repeats: int) -> list[float]:
+        fn = self.functions[name]
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            # Wait for the result before stopping the clock.
+            _ = self.variables[0].numpy()
+            _ = self.accumulators[0].numpy()
+            times.append(time.perf_counter() - start)
+        return times
+
+
+def run_case(name, build, args, jit_label, jit_compile):
+    _, _, input_shape, classes = build()
+    rng = np.random.default_rng(args.seed)
+    samples = args.steps * args.batch_size
+    x = rng.normal(size=(samples, *input_shape)).astype("float32")
+    y = rng.integers(0, classes, size=(samples,)).astype("int32")
+
+    models = {
+        arm: build_arm(arm, build, args.k, args.optimizer, jit_compile, args.seed) for arm in ARMS
+    }
+    resolved = bool(models["plain"].jit_compile)
+    params = sum(int(np.prod(v.shape)) for v in models["plain"].trainable_variables)
+    floor_parts = FloorParts(models["plain"], args.optimizer, resolved)
+
+    warm = 2 * args.k * args.batch_size
+    for arm in ARMS:  # warm-up: tracing / XLA compilation, not timed
+        time_epoch(models[arm], x[:warm], y[:warm], args.batch_size, args.k)
+
+    # Each round runs every arm for one epoch and times the floor's parts, in
+    # an order rotated every round.
+    items = (*ARMS, "opt", "add")
+    epochs: dict[str, list[list[tuple[float, float]]]] = {arm: [] for arm in ARMS}
+    parts: dict[str, list[float]] = {"opt": [], "add": []}
+    for round_ in range(args.repeats):
+        shift = round_ % len(items)
+        for item in items[shift:] + items[:shift]:
+            if item in parts:
+                parts[item] += floor_parts.time(item, args.micro_repeats)
+            else:
+                epochs[item].append(time_epoch(models[item], x, y, args.batch_size, args.k))
+
+    # Per-window times pooled over the epochs; per-epoch medians for the spread.
+    wall = {arm: [w for e in es for w, _ in e] for arm, es in epochs.items()}
+    cpu = {arm: [c for e in es for _, c in e] for arm, es in epochs.items()}
+    epoch_medians = {
+        arm: [statistics.median(w for w, _ in e) for e in es] for arm, es in epochs.items()
+    }
+    medians = {arm: statistics.median(t) for arm, t in wall.items()}
+    cpu_medians = {arm: statistics.median(t) for arm, t in cpu.items()}
+    update_s = statistics.median(parts["opt"])
+    add_s = statistics.median(parts["add"])
+    floor = medians["plain"] - update_s + update_s / args.k + add_s
+
+    accumulating = models["accum_keras"]
+    assert accumulating.pending_micro_steps == 0
+    assert len(accumulating._accumulation_state.gradients) == len(accumulating.trainable_variables)
+    spread = {
+        arm: (max(t) - min(t)) / statistics.median(t) if len(t) > 1 else 0.0
+        for arm, t in epoch_medians.items()
+    }
+    return {
+        "model": name,
+        "jit": jit_label if str(resolved).lower() == jit_label else f"{jit_label} (={resolved})",
+        "params": params,
+        "medians": medians,
+        "cpu_medians": cpu_medians,
+        "spread": spread,
+        "update_s": update_s,
+        "add_s": add_s,
+        "floor": floor,
+    }
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def print_table(rows, args):
+    print(
+        f"\nmicro-batch b={args.batch_size}, k={args.k}, optimizer={args.optimizer}, "
+        f"{args.steps} micro-batches per epoch, {args.repeats} timed epochs per arm; "
+        "ms per micro-batch = median over the timed windows / k (wall clock); "
+        "spread = (max - min) / median of the per-epoch medians\n"
+    )
+    print(
+        "| model | jit_compile | params | plain ms | built-in ms | accum_keras ms "
+        "| accum/built-in | accum/plain | opt update ms | add ms | floor ms | spread p/b/a |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        m = r["medians"]
+        spread = "/".join(f"{r['spread'][arm]:.0%}" for arm in ARMS)
+        print(
+            f"| {r['model']} | {r['jit']} | {r['params'] / 1e6:.2f}M | {ms(m['plain'])} "
+            f"| {ms(m['built-in'])} | {ms(m['accum_keras'])} "
+            f"| {m['accum_keras'] / m['built-in']:.3f} | {m['accum_keras'] / m['plain']:.3f} "
+            f"| {ms(r['update_s'])} | {ms(r['add_s'])} | {ms(r['floor'])} | {spread} |"
+        )
+    print(
+        "\nThe same windows in process CPU time (all threads; less sensitive to other "
+        "jobs on a shared machine, but it counts the thread pools' spin-waiting):\n"
+    )
+    print(
+        "| model | jit_compile | plain CPU ms | built-in CPU ms | accum_keras CPU ms "
+        "| accum/built-in | accum/plain |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        c = r["cpu_medians"]
+        print(
+            f"| {r['model']} | {r['jit']} | {ms(c['plain'])} | {ms(c['built-in'])} "
+            f"| {ms(c['accum_keras'])} | {c['accum_keras'] / c['built-in']:.3f} "
+            f"| {c['accum_keras'] / c['plain']:.3f} |"
+        )
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="bigger models, more steps/repeats")
+    parser.add_argument("--batch-size", "-b", type=int, default=16, help="micro-batch size b")
+    parser.add_argument("-k", type=int, default=4, help="accumulation steps k")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    parser.add_argument("--steps", type=int, help="micro-batches per timed epoch (multiple of k)")
+    parser.add_argument("--repeats", type=int, help="timed epochs per arm")
+    parser.add_argument(
+        "--jit",
+        help="comma-separated jit_compile modes among false, auto, true "
+        "(default: false,auto; with --full: false,auto,true)",
+    )
+    parser.add_argument("--models", default="cnn,mlp", help="comma-separated models among cnn, mlp")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="TF intra-op threads (0: TF default)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.jit is None:
+        args.jit = "false,auto,true" if args.full else "false,auto"
+    if args.steps is None:
+        args.steps = 64 if args.full else 24
+    if args.repeats is None:
+        args.repeats = 9 if args.full else 5
+    args.micro_repeats = 5 if args.full else 3
+    if args.steps % args.k or args.steps < 2 * args.k:
+        parser.error("--steps must be a multiple of k and at least 2k")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    print(
+        f"tensorflow {tf.__version__}, keras {keras.__version__}, "
+        f"accum_keras {accum_keras.__version__} ({library_revision()}), devices: "
+        + ", ".join(d.name for d in tf.config.list_physical_devices())
+    )
+    builders = {
+        "cnn": (
+            "CNN 64px" if args.full else "CNN 32px",
+            lambda: cnn_layers(64 if args.full else 32, 32),
+        ),
+        "mlp": (
+            "MLP 4x2048" if args.full else "MLP 3x2048",
+            lambda: mlp_layers(1024, 2048, 4 if args.full else 3),
+        ),
+    }
+    modes = {"false": False, "auto": "auto", "true": True}
+    rows = []
+    start = time.perf_counter()
+    for model_name in args.models.split(","):
+        label, build = builders[model_name]
+        done: dict[bool, str] = {}
+        for jit_label in args.jit.split(","):
+            jit_compile = modes[jit_label]
+            resolved = probe_jit(build, jit_compile)
+            if resolved in done:
+                print(
+                    f"{label}: jit_compile={jit_label} resolves to {resolved}, the program "
+                    f"already timed as jit_compile={done[resolved]}; not timed again."
+                )
+                continue
+            done[resolved] = jit_label
+            t0 = time.perf_counter()
+            rows.append(run_case(label, build, args, jit_label, jit_compile))
+            print(f"{label}, jit_compile={jit_label}: {time.perf_counter() - t0:.0f} s")
+    print_table(rows, args)
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+
+
+def probe_jit(build, jit_compile) -> bool:
+    """What ``jit_compile`` resolves to for this model on this machine."""
+    inputs, outputs, _, _ = build()
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
+    return bool(model.jit_compile)
+
+
+if __name__ == "__main__":
+    main()

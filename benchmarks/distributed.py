@@ -7,7 +7,8 @@ devices here; real GPUs where present) and reports, for a parameter-heavy MLP:
    *counted* at run time: the training step is run eagerly
    (``run_eagerly=True``) with `ReplicaContext.all_reduce` instrumented, so
    only the branches actually taken are counted;
-2. the wall time per micro-batch of the compiled step.
+2. the wall time per micro-batch of the compiled step (arms take turns, one
+   epoch each, so that other load on the machine hits them alike).
 
 Arms: plain Keras (one update per micro-batch), accum_keras with
 ``accumulation_steps=k`` and Keras' built-in ``gradient_accumulation_steps=k``
@@ -117,16 +118,31 @@ def count(arm, strategy, width):
     }
 
 
-def time_per_micro_batch(arm, strategy, width, repeats):
-    x, y = data(8 * K)
-    model = build(arm, strategy, width, run_eagerly=False)
-    model.fit(x, y, batch_size=GLOBAL_MICRO, verbose=0)  # trace and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.fit(x, y, batch_size=GLOBAL_MICRO, shuffle=False, verbose=0)
-        times.append((time.perf_counter() - start) / (len(x) // GLOBAL_MICRO))
-    return statistics.median(times)
+def compiled_models(arms, strategy, width, x, y):
+    """Builds and warms up each arm's compiled step; returns models and failures."""
+    models, failed = {}, {}
+    for arm in arms:
+        try:
+            model = build(arm, strategy, width, run_eagerly=False)
+            model.fit(x, y, batch_size=GLOBAL_MICRO, verbose=0)  # trace and warm up
+            models[arm] = model
+        except Exception as error:  # the built-in under MirroredStrategy
+            first_line = str(error).strip().splitlines()[0][:90]
+            failed[arm] = f"{type(error).__name__}: {first_line}"
+    return models, failed
+
+
+def times_per_micro_batch(models, x, y, repeats):
+    """Median seconds per micro-batch of each arm; arms take turns, one epoch each."""
+    arms = list(models)
+    times = {arm: [] for arm in arms}
+    for round_ in range(repeats):
+        order = arms[round_ % len(arms) :] + arms[: round_ % len(arms)]
+        for arm in order:
+            start = time.perf_counter()
+            models[arm].fit(x, y, batch_size=GLOBAL_MICRO, shuffle=False, verbose=0)
+            times[arm].append((time.perf_counter() - start) / (len(x) // GLOBAL_MICRO))
+    return {arm: statistics.median(values) for arm, values in times.items()}
 
 
 def main(width: int, repeats: int) -> None:
@@ -144,17 +160,18 @@ def main(width: int, repeats: int) -> None:
         "| MiB all-reduced / micro-batch | ms / micro-batch |"
     )
     print("| --- | --- | --- | --- | --- |")
-    for arm in ("plain", "accum_keras", "built-in"):
-        try:
-            counted = count(arm, strategy, width)
-            seconds = time_per_micro_batch(arm, strategy, width, repeats)
-        except Exception as error:  # the built-in under MirroredStrategy
-            message = str(error).strip().splitlines()[0][:90]
-            print(f"| {arm} | fails: `{type(error).__name__}: {message}` | | | |")
+    arms = ["plain", "accum_keras", "built-in"]
+    x, y = data(8 * K)
+    models, failed = compiled_models(arms, strategy, width, x, y)
+    seconds = times_per_micro_batch(models, x, y, repeats)
+    for arm in arms:
+        if arm in failed:
+            print(f"| {arm} | compiled step fails: `{failed[arm]}` | | | |")
             continue
+        counted = count(arm, strategy, width)
         print(
             f"| {arm} | {counted['calls_per_update']:.1f} | {counted['mb_per_update']:.2f} "
-            f"| {counted['mb_per_micro_batch']:.2f} | {seconds * 1e3:.1f} |"
+            f"| {counted['mb_per_micro_batch']:.2f} | {seconds[arm] * 1e3:.1f} |"
         )
 
 
@@ -162,4 +179,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="wider MLP, more repeats")
     args = parser.parse_args()
-    main(width=2048 if args.full else 1024, repeats=5 if args.full else 3)
+    main(width=2048 if args.full else 1024, repeats=7 if args.full else 5)

@@ -108,6 +108,12 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
         self.defer_to_window = False
         self._window: WindowStatistics | None = None
 
+    @property
+    def window_variables(self) -> list:
+        """The pooled statistics of the open window (training state, not weights)."""
+        window = self._window
+        return [] if window is None else [window.count, window.mean, window.m2]
+
     def build(self, input_shape):
         super().build(input_shape)
         channels = input_shape[self.axis]
@@ -149,8 +155,10 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
         has_data = window.count.value > 0
         new_mean = self.moving_mean * momentum + window.mean.value * (1.0 - momentum)
         new_variance = self.moving_variance * momentum + window.variance() * (1.0 - momentum)
-        self.moving_mean.assign(ops.where(has_data, new_mean, self.moving_mean))
-        self.moving_variance.assign(ops.where(has_data, new_variance, self.moving_variance))
+        self.moving_mean.assign(ops.where(has_data, new_mean, self.moving_mean.value))
+        self.moving_variance.assign(
+            ops.where(has_data, new_variance, self.moving_variance.value)
+        )
         window.reset()
 
 

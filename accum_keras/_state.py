@@ -61,6 +61,10 @@ class AccumulationState(KerasSaveable):
         self.accumulated_variables: list[Any] = []
         self._variable_ids: list[int] = []
         self._scalars_built = False
+        # Backend bookkeeping kept here rather than on the model, where Keras
+        # would track lists of variables as weights.
+        self.jax_written_variables: list[Any] | None = None
+        self.torch_has_gradient: list[bool] | None = None
 
     def _obj_type(self):
         # Keras' saving walks children by type and only knows its own types;

@@ -16,9 +16,10 @@ and ``R`` the regularization and `add_loss` terms. Keras hands us
 by ``D_n / T_m`` counts it exactly once). Each micro-step therefore
 differentiates the *accumulation objective* ``(D_n / D_ref) * L_n`` and adds the
 gradient to the accumulators; the window is applied with the gradient scaled by
-``D_ref / T_m``. ``D_ref`` is the first micro-batch's divisor, which keeps the
-accumulated values the size of an ordinary micro-batch gradient (important for
-float16). Loss terms with a ``"sum"`` reduction are not normalized by the big
+``D_ref / T_m``. ``D_ref`` is ``k`` times the window's first divisor: for a full
+window of equal micro-batches each micro-batch's backward pass then sees the
+per-sample magnitudes of the big batch's (so float16 overflows where the big
+batch would, not earlier) and the accumulators hold the big batch's gradient. Loss terms with a ``"sum"`` reduction are not normalized by the big
 batch either: their objective weight is ``T_n / D_ref``, exact when a model has
 only such terms.
 
@@ -113,6 +114,7 @@ def micro_batch_weights(
     window_divisor: Any,
     reference_divisor: Any,
     is_first_in_window: Any,
+    accumulation_steps: Any = 1,
     sum_over_replicas: Callable[[Any], Any] = lambda value: value,
     num_replicas: int = 1,
 ) -> MicroBatchWeights:
@@ -132,6 +134,9 @@ def micro_batch_weights(
         reference_divisor: the window's ``D_ref`` so far (ignored on the first
             micro-batch).
         is_first_in_window: boolean tensor.
+        accumulation_steps: ``k``; the reference divisor of a window is ``k``
+            times its first micro-batch's, so that a full window's objective
+            has the big batch's scale.
         sum_over_replicas: sums a per-replica tensor over replicas.
         num_replicas: number of replicas.
 
@@ -140,9 +145,10 @@ def micro_batch_weights(
     """
     local_divisor = micro_batch_divisor(terms, num_samples, is_first_in_window, num_replicas)
     divisor = sum_over_replicas(local_divisor)
+    first_reference = divisor * ops.cast(accumulation_steps, "float32")
     reference = ops.where(
         is_first_in_window,
-        ops.where(divisor > 0, divisor, ops.ones_like(divisor)),
+        ops.where(divisor > 0, first_reference, ops.ones_like(divisor)),
         reference_divisor,
     )
     # Keras divides compiled losses (and regularization) by the number of

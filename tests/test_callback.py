@@ -13,6 +13,10 @@ import accum_keras
 K, MICRO = 4, 4
 
 
+def current_rate(model) -> float:
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
 def compiled_twins(learning_rate=0.01, k=K):
     accumulating, plain = functional_twins(small_regression_layers(), k)
     for model in (accumulating, plain):
@@ -36,7 +40,7 @@ def test_fitting_twice_does_not_scale_twice():
     model, _ = compiled_twins(0.01)
     for _ in range(2):
         model.fit(x, y, batch_size=MICRO, verbose=0, callbacks=[accum_keras.AccumulationCallback()])
-    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.01 * K)
+    assert current_rate(model) == pytest.approx(0.01 * K)
 
 
 def test_base_batch_size_scales_relative_to_it():
@@ -44,7 +48,7 @@ def test_base_batch_size_scales_relative_to_it():
     model, _ = compiled_twins(0.01)
     callback = accum_keras.AccumulationCallback(lr_scaling="linear", base_batch_size=8)
     model.fit(x, y, batch_size=MICRO, verbose=0, callbacks=[callback])
-    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.01 * MICRO * K / 8)
+    assert current_rate(model) == pytest.approx(0.01 * MICRO * K / 8)
 
 
 def test_warmup_rises_linearly_over_updates():
@@ -152,6 +156,6 @@ def test_the_scaled_rate_is_saved_with_the_model(tmp_path):
     model.fit(x, y, batch_size=MICRO, verbose=0, callbacks=[accum_keras.AccumulationCallback()])
     model.save(tmp_path / "m.keras")
     restored = keras.models.load_model(tmp_path / "m.keras")
-    assert float(restored.optimizer.learning_rate.numpy()) == pytest.approx(0.01 * K)
+    assert current_rate(restored) == pytest.approx(0.01 * K)
     restored.fit(x, y, batch_size=MICRO, verbose=0, callbacks=[accum_keras.AccumulationCallback()])
-    assert float(restored.optimizer.learning_rate.numpy()) == pytest.approx(0.01 * K)
+    assert current_rate(restored) == pytest.approx(0.01 * K)

@@ -13,7 +13,10 @@ slots, so it travels at the end of the *optimizer* list:
 
     optimizer values + written window values + read-only values
 
-- written: `AccumulationState.variables()` (counters and accumulators);
+- written: `AccumulationState.variables()` (counters and accumulators) and
+  the pooled statistics of window-aware layers (`AccumBatchNormalization`),
+  whose forward pass and window update run in the same stateless scope as
+  the model's own variables;
 - read-only: ``accumulation_steps`` and the variables of the optimizer's
   learning-rate schedule (e.g. `ScaledLearningRate.multiplier`), so that
   changing them between epochs takes effect without retracing.
@@ -69,9 +72,30 @@ def num_samples(x) -> int:
 
 
 def written_variables(model) -> list[Any]:
-    """Window variables the step updates (counters, then accumulators)."""
+    """Window variables the step updates.
+
+    The counters and accumulators, then the pooled statistics of window-aware
+    layers (`AccumBatchNormalization`).
+    """
     state = model._accumulation_state
-    return state.variables() if state.built else []
+    if not state.built:
+        return []
+    return state.variables() + _layer_statistics_variables(model)
+
+
+def _window_layers(model) -> list[Any]:
+    return list(getattr(model, "_accumulation_window_layers", ()))
+
+
+def _layer_statistics_variables(model) -> list[Any]:
+    found: list[Any] = []
+    for layer in _window_layers(model):
+        variables = getattr(layer, "window_variables", None)
+        if variables is None:
+            statistics = getattr(layer, "_window", None)
+            variables = [v for v in vars(statistics).values() if isinstance(v, keras.Variable)]
+        found.extend(variables)
+    return found
 
 
 def read_only_variables(model) -> list[Any]:
@@ -169,14 +193,24 @@ def _split(model, optimizer_and_window: Sequence[Any]):
             "accumulation state; call `model.make_train_function(force=True)` "
             "after changing the optimizer."
         )
+    return optimizer_values, _unpack(model, window_values), window_values, read_only_values
+
+
+def _unpack(model, window_values: Sequence[Any]) -> dict:
+    """The written window values by role (see `written_variables`)."""
+    gradients_end = len(_SCALAR_NAMES) + len(model._accumulation_state.gradients)
     window = dict(zip(_SCALAR_NAMES, window_values))
-    window["gradients"] = list(window_values[len(_SCALAR_NAMES) :])
-    window["accumulation_steps"] = read_only_values[0]
-    return optimizer_values, window, window_values, read_only_values
+    window["gradients"] = list(window_values[len(_SCALAR_NAMES) : gradients_end])
+    window["layer_statistics"] = list(window_values[gradients_end:])
+    return window
 
 
 def _join(window: dict) -> list[Any]:
-    return [window[name] for name in _SCALAR_NAMES] + list(window["gradients"])
+    return (
+        [window[name] for name in _SCALAR_NAMES]
+        + list(window["gradients"])
+        + list(window["layer_statistics"])
+    )
 
 
 def _cond(predicate, true_fn, false_fn, *operands):
@@ -243,14 +277,14 @@ def train_step(model, state, data):
     optimizer = model.optimizer
     trainable, non_trainable, optimizer_and_window, metrics = state
     optimizer_values, window, _, read_only_values = _split(model, optimizer_and_window)
+    window["accumulation_steps"] = read_only_values[0]
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     samples = num_samples(x)
     is_first = window["micro_step"] == 0
 
-    def objective_fn(trainable, non_trainable, metrics):
-        kwargs = {"training": True} if model._call_has_training_arg else {}
-        y_pred, non_trainable, losses = model.stateless_call(
-            trainable, non_trainable, x, return_losses=True, **kwargs
+    def objective_fn(trainable, non_trainable, metrics, layer_statistics):
+        y_pred, non_trainable, losses, layer_statistics = _forward(
+            model, trainable, non_trainable, layer_statistics, x
         )
         if losses:
             # Forward-pass losses (`add_loss`, regularizers) for compute_loss.
@@ -276,21 +310,31 @@ def train_step(model, state, data):
             window["window_divisor"],
             window["reference_divisor"],
             is_first,
+            accumulation_steps=window["accumulation_steps"],
         )
         mapping = list(zip(optimizer.variables, optimizer_values))
         with keras_backend.StatelessScope(state_mapping=mapping):
             objective = optimizer.scale_loss(weights.objective)
-        aux = (loss, y_pred, non_trainable, metrics, weights.divisor, weights.reference_divisor)
+        aux = (
+            loss,
+            y_pred,
+            non_trainable,
+            metrics,
+            layer_statistics,
+            weights.divisor,
+            weights.reference_divisor,
+        )
         return objective, aux
 
     grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
-    (_, aux), gradients = grad_fn(trainable, non_trainable, metrics)
-    loss, y_pred, non_trainable, metrics, divisor, reference = aux
+    (_, aux), gradients = grad_fn(trainable, non_trainable, metrics, window["layer_statistics"])
+    loss, y_pred, non_trainable, metrics, layer_statistics, divisor, reference = aux
 
     # A loss-scaling optimizer's scale is constant within a window: the
     # accumulators hold scaled gradients and the optimizer unscales (and
     # checks) the window's sum, exactly as it would a single gradient.
     window = dict(window)
+    window["layer_statistics"] = layer_statistics
     window["gradients"] = [
         accumulated + gradient.astype(accumulated.dtype)
         for accumulated, gradient in zip(window["gradients"], gradients)
@@ -303,11 +347,12 @@ def train_step(model, state, data):
     steps = window.pop("accumulation_steps")
 
     with _reading(read_only_variables(model)[1:], read_only_values[1:]):
-        trainable, optimizer_values, window = _cond(
+        trainable, non_trainable, optimizer_values, window = _cond(
             window["micro_step"] >= steps,
-            lambda t, o, w: apply_window_values(model, t, o, w),
-            lambda t, o, w: (list(t), list(o), w),
+            lambda t, n, o, w: apply_window_values(model, t, n, o, w),
+            lambda t, n, o, w: (list(t), list(n), list(o), w),
             list(trainable),
+            list(non_trainable),
             optimizer_values,
             window,
         )
@@ -317,27 +362,84 @@ def train_step(model, state, data):
     return logs, (trainable, non_trainable, optimizer_and_window, metrics)
 
 
-def apply_window_values(model, trainable, optimizer_values, window):
+def _forward(model, trainable, non_trainable, layer_statistics, x):
+    """`Layer.stateless_call`, also threading window-aware layers' statistics.
+
+    Returns:
+        ``(y_pred, non_trainable, losses, layer_statistics)``.
+    """
+    kwargs = {"training": True} if model._call_has_training_arg else {}
+    statistics_variables = _layer_statistics_variables(model)
+    if not statistics_variables:
+        y_pred, non_trainable, losses = model.stateless_call(
+            trainable, non_trainable, x, return_losses=True, **kwargs
+        )
+        return y_pred, non_trainable, losses, []
+    # What `stateless_call` does, with the statistics in the same scope so
+    # that the layers' updates of them can be collected.
+    mapping = (
+        list(zip(model.trainable_variables, trainable))
+        + list(zip(model.non_trainable_variables, non_trainable))
+        + list(zip(statistics_variables, layer_statistics))
+    )
+    with keras_backend.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+        y_pred = model.call(x, **kwargs)
+        losses = model.losses
+    non_trainable = [scope.get_current_value(v) for v in model.non_trainable_variables]
+    layer_statistics = [scope.get_current_value(v) for v in statistics_variables]
+    return y_pred, non_trainable, losses, layer_statistics
+
+
+def _apply_layer_statistics(model, non_trainable, layer_statistics):
+    """Stateless `apply_window_statistics` of every window-aware layer."""
+    layers = _window_layers(model)
+    if not layers:
+        return list(non_trainable), list(layer_statistics)
+    statistics_variables = _layer_statistics_variables(model)
+    mapping = list(zip(model.non_trainable_variables, non_trainable)) + list(
+        zip(statistics_variables, layer_statistics)
+    )
+    with keras_backend.StatelessScope(state_mapping=mapping) as scope:
+        for layer in layers:
+            layer.apply_window_statistics()
+    non_trainable = [scope.get_current_value(v) for v in model.non_trainable_variables]
+    layer_statistics = [scope.get_current_value(v) for v in statistics_variables]
+    return non_trainable, layer_statistics
+
+
+def apply_window_values(model, trainable, non_trainable, optimizer_values, window):
     """Stateless window update: the optimizer step and a fresh window.
 
     Returns:
-        ``(trainable, optimizer_values, window)`` after the update.
+        ``(trainable, non_trainable, optimizer_values, window)`` after the
+        update.
     """
     scale = _window.update_scale(window["window_divisor"], window["reference_divisor"])
     gradients = [
         (accumulated * scale).astype(value.dtype)
         for accumulated, value in zip(window["gradients"], trainable)
     ]
+    window = dict(window)
+    if _is_loss_scale_optimizer(model.optimizer):
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in gradients]))
+        skipped = window["skipped_updates"]
+        window["skipped_updates"] = skipped + jnp.logical_not(finite).astype(skipped.dtype)
     trainable, optimizer_values = model.optimizer.stateless_apply(
         optimizer_values, gradients, trainable
     )
-    window = dict(window)
+    non_trainable, window["layer_statistics"] = _apply_layer_statistics(
+        model, non_trainable, window["layer_statistics"]
+    )
     window["gradients"] = [jnp.zeros_like(g) for g in window["gradients"]]
     window["last_update_samples"] = window["window_samples"]
     window["window_samples"] = jnp.zeros_like(window["window_samples"])
     window["window_divisor"] = jnp.zeros_like(window["window_divisor"])
     window["micro_step"] = jnp.zeros_like(window["micro_step"])
-    return list(trainable), list(optimizer_values), window
+    return list(trainable), list(non_trainable), list(optimizer_values), window
+
+
+def _is_loss_scale_optimizer(optimizer) -> bool:
+    return hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale")
 
 
 def make_apply_function(model):
@@ -346,30 +448,31 @@ def make_apply_function(model):
     Runs outside the training loop, after Keras synced the state back to the
     variables; compiled unless the model runs eagerly.
     """
-    state = model._accumulation_state
 
-    def apply(trainable, optimizer_values, window, read_only_values):
+    def apply(trainable, non_trainable, optimizer_values, window_values, read_only_values):
+        window = _unpack(model, window_values)
         with _reading(read_only_variables(model)[1:], read_only_values[1:]):
-            return apply_window_values(model, trainable, optimizer_values, window)
+            trainable, non_trainable, optimizer_values, window = apply_window_values(
+                model, trainable, non_trainable, optimizer_values, window
+            )
+        return trainable, non_trainable, optimizer_values, _join(window)
 
     if not model.run_eagerly and model.jit_compile:
         apply = jax.jit(apply)
 
     def apply_pending():
-        variables = written_variables(model)
-        window = dict(zip(_SCALAR_NAMES, [v.value for v in variables]))
-        window["gradients"] = [v.value for v in state.gradients]
-        trainable, optimizer_values, window = apply(
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.optimizer.variables],
-            window,
+        groups = (
+            model._accumulation_state.accumulated_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+            written_variables(model),
+        )
+        values = apply(
+            *([v.value for v in group] for group in groups),
             [v.value for v in read_only_variables(model)],
         )
-        for variable, value in zip(model.trainable_variables, trainable):
-            variable.assign(value)
-        for variable, value in zip(model.optimizer.variables, optimizer_values):
-            variable.assign(value)
-        for variable, value in zip(variables, _join(window)):
-            variable.assign(value)
+        for group, group_values in zip(groups, values):
+            for variable, value in zip(group, group_values):
+                variable.assign(value)
 
     return apply_pending

@@ -97,6 +97,7 @@ def train_step(model, data):
             state.window_divisor.value,
             state.reference_divisor.value,
             is_first,
+            accumulation_steps=state.accumulation_steps.value,
             sum_over_replicas=_sum_over_replicas,
             num_replicas=replicas,
         )

@@ -20,10 +20,10 @@ the micro-batch's gradient into it in place: no per-step gradient tensors are
 kept alive next to the accumulators and no separate add runs, and the memory
 is that of plain Keras (parameters plus one gradient buffer each). ``.grad`` is
 reset to `None` after the backward pass, so nothing else (``zero_grad``, a
-plain Keras step) can touch the window. Parameters that are not float32 (or not
-dense) and the first micro-step after the trainable variables change, which
-finds out which variables get no gradient (they are passed to the optimizer as
-`None`, as plain Keras does), use ``torch.autograd.grad`` and an explicit add.
+plain Keras step) can touch the window. Variables that get no gradient (found
+on the first micro-step, by gradient hooks) are passed to the optimizer as
+`None`, as plain Keras does. Parameters that are not float32 (or not dense)
+use ``torch.autograd.grad`` and an explicit add instead.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def train_step(model, data):
         state.window_divisor.value,
         state.reference_divisor.value,
         is_first,
+        accumulation_steps=model._accumulation_steps,
     )
     # A loss-scaling optimizer's scale is constant within a window: the
     # accumulators hold scaled gradients and the optimizer unscales (and
@@ -109,7 +110,7 @@ def _accumulate(model, objective) -> None:
     accumulators = [a.value for a in state.gradients]
     key = tuple(id(v) for v in state.accumulated_variables)
     known = getattr(state, "torch_has_gradient", None)
-    if known is None or known[0] != key or not _can_alias(parameters, accumulators):
+    if not _can_alias(parameters, accumulators):
         gradients = torch.autograd.grad(objective, parameters, allow_unused=True)
         with torch.no_grad():
             for accumulator, gradient in zip(accumulators, gradients):
@@ -117,6 +118,17 @@ def _accumulate(model, objective) -> None:
                     accumulator.add_(gradient.to(accumulator.dtype))
         state.torch_has_gradient = (key, [g is not None for g in gradients])
         return
+    # The first step after the variables changed also finds out which
+    # variables receive a gradient (hooks fire only for those).
+    received = None if known is not None and known[0] == key else [False] * len(parameters)
+    hooks = []
+    if received is not None:
+        for index, parameter in enumerate(parameters):
+            hooks.append(
+                parameter.register_post_accumulate_grad_hook(
+                    lambda _, index=index: received.__setitem__(index, True)
+                )
+            )
     for parameter, accumulator in zip(parameters, accumulators):
         parameter.grad = accumulator
     try:
@@ -124,6 +136,10 @@ def _accumulate(model, objective) -> None:
     finally:
         for parameter in parameters:
             parameter.grad = None
+        for hook in hooks:
+            hook.remove()
+    if received is not None:
+        state.torch_has_gradient = (key, received)
 
 
 def _can_alias(parameters, accumulators) -> bool:

@@ -52,7 +52,6 @@ import argparse
 import dataclasses
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -65,35 +64,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+from _revision import library_revision
 
 import accum_keras
 
 K = 4
 MICRO_BATCH = 4
 BIG_BATCH = K * MICRO_BATCH
-
-
-def library_revision() -> str:
-    """The git commit of the accum_keras checkout, and whether its files are modified."""
-    package = os.path.dirname(os.path.abspath(accum_keras.__file__))
-    try:
-        commit = subprocess.run(
-            ["git", "-C", package, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "-C", package, "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "not a git checkout"
-    return f"git {commit}" + (", with uncommitted changes" if changed else "")
 
 
 @dataclasses.dataclass

@@ -56,6 +56,8 @@ import subprocess
 import sys
 import time
 
+from _revision import library_revision
+
 if __name__ == "__main__" and "--child" not in sys.argv:
     # The command line first, before TensorFlow's start-up logs.
     print("$ " + shlex.join(sys.orig_argv), flush=True)
@@ -221,34 +223,6 @@ def run_child(arm: str, args) -> dict:
 
 def mib(n: float) -> str:
     return f"{n / MIB:.1f}"
-
-
-def library_revision() -> str:
-    """The git commit of the accum_keras checkout, and whether its files are modified."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("accum_keras")  # located, not imported (no TensorFlow)
-    if spec is None or spec.origin is None:
-        return "accum_keras not found"
-    package = os.path.dirname(spec.origin)
-    try:
-        commit = subprocess.run(
-            ["git", "-C", package, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "-C", package, "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "not a git checkout"
-    return f"git {commit}" + (", with uncommitted changes" if changed else "")
 
 
 def parent(args) -> None:

@@ -156,9 +156,7 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
         new_mean = self.moving_mean * momentum + window.mean.value * (1.0 - momentum)
         new_variance = self.moving_variance * momentum + window.variance() * (1.0 - momentum)
         self.moving_mean.assign(ops.where(has_data, new_mean, self.moving_mean.value))
-        self.moving_variance.assign(
-            ops.where(has_data, new_variance, self.moving_variance.value)
-        )
+        self.moving_variance.assign(ops.where(has_data, new_variance, self.moving_variance.value))
         window.reset()
 
 

@@ -53,7 +53,12 @@ def main(epochs: int) -> None:
         )
 
     history = model.fit(
-        x, y, batch_size=MICRO_BATCH, epochs=epochs, shuffle=False, verbose=0,
+        x,
+        y,
+        batch_size=MICRO_BATCH,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
         callbacks=[accum_keras.AccumulationCallback(lr_scaling=None)],
     ).history
     reference.fit(x, y, batch_size=MICRO_BATCH * STEPS, epochs=epochs, shuffle=False, verbose=0)
@@ -63,13 +68,17 @@ def main(epochs: int) -> None:
         np.abs(a - b).max() for a, b in zip(model.get_weights(), reference.get_weights())
     )
     print(f"micro-batch {MICRO_BATCH} x accumulation_steps {STEPS}, {epochs} epochs of {len(x)}")
-    print(f"  optimizer updates: {int(model.optimizer.iterations.numpy())} "
-          f"(plain Keras at batch {MICRO_BATCH * STEPS}: "
-          f"{int(reference.optimizer.iterations.numpy())})")
+    print(
+        f"  optimizer updates: {int(model.optimizer.iterations.numpy())} "
+        f"(plain Keras at batch {MICRO_BATCH * STEPS}: "
+        f"{int(reference.optimizer.iterations.numpy())})"
+    )
     print(f"  effective batch size per epoch (counted): {history['effective_batch_size']}")
     print(f"  final training accuracy: {history['accuracy'][-1]:.3f}")
-    print(f"  largest weight difference vs batch {MICRO_BATCH * STEPS}: "
-          f"{difference / largest:.1e} of the largest weight (float32 round-off)")
+    print(
+        f"  largest weight difference vs batch {MICRO_BATCH * STEPS}: "
+        f"{difference / largest:.1e} of the largest weight (float32 round-off)"
+    )
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ class AccumulatingModel:
             self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, **kwargs):
-        _move_accumulation_callbacks_first(args, kwargs)
+        args, kwargs = _move_accumulation_callbacks_first(args, kwargs)
         self._forget_host_window()
         self._accumulation_fitting = True
         try:
@@ -310,17 +310,26 @@ class AccumulatingModel:
         return int(ops.convert_to_numpy(state.micro_step))
 
 
-def _move_accumulation_callbacks_first(args: tuple, kwargs: dict) -> None:
+# `callbacks` is the sixth positional argument of `Model.fit`.
+_FIT_CALLBACKS_POSITION = 5
+
+
+def _move_accumulation_callbacks_first(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Lets `AccumulationCallback` write its logs before other callbacks read them."""
     from accum_keras._callback import AccumulationCallback
 
-    callbacks = kwargs.get("callbacks")
+    positional = len(args) > _FIT_CALLBACKS_POSITION
+    callbacks = args[_FIT_CALLBACKS_POSITION] if positional else kwargs.get("callbacks")
     if callbacks is None or isinstance(callbacks, keras.callbacks.CallbackList):
-        return
+        return args, kwargs
     callbacks = list(callbacks)
     first = [c for c in callbacks if isinstance(c, AccumulationCallback)]
-    rest = [c for c in callbacks if not isinstance(c, AccumulationCallback)]
-    kwargs["callbacks"] = first + rest
+    ordered = first + [c for c in callbacks if not isinstance(c, AccumulationCallback)]
+    if positional:
+        args = (*args[:_FIT_CALLBACKS_POSITION], ordered, *args[_FIT_CALLBACKS_POSITION + 1 :])
+    else:
+        kwargs = {**kwargs, "callbacks": ordered}
+    return args, kwargs
 
 
 @keras.saving.register_keras_serializable(package="accum_keras")

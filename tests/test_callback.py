@@ -159,3 +159,13 @@ def test_the_scaled_rate_is_saved_with_the_model(tmp_path):
     assert current_rate(restored) == pytest.approx(0.01 * K)
     restored.fit(x, y, batch_size=MICRO, verbose=0, callbacks=[accum_keras.AccumulationCallback()])
     assert current_rate(restored) == pytest.approx(0.01 * K)
+
+
+def test_callbacks_passed_positionally_are_reordered_too(tmp_path):
+    x, y = regression_data(samples=32)
+    model, _ = compiled_twins()
+    csv_path = tmp_path / "log.csv"
+    callbacks = [keras.callbacks.CSVLogger(str(csv_path)), accum_keras.AccumulationCallback(None)]
+    model.fit(x, y, MICRO, 1, 0, callbacks)
+    with open(csv_path) as f:
+        assert float(next(csv.DictReader(f))["effective_batch_size"]) == 16.0

@@ -28,10 +28,10 @@ from typing import Any
 import tensorflow as tf
 from keras.src import tree
 from keras.src.backend.tensorflow.trainer import _collective_all_reduce_multi_worker
-from keras.src.losses import loss as keras_loss
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from accum_keras import _loss_terms, _window
+from accum_keras import _window
+from accum_keras._backends import _stateful
 
 
 def distribution_scope(model):
@@ -82,20 +82,12 @@ def train_step(model, data):
     is_first = tf.equal(state.micro_step.value, 0)
 
     with tf.GradientTape() as tape:
-        y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
-        with _loss_terms.recorded_terms(model._compile_loss) as terms:
-            loss = model._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-        model._loss_tracker.update_state(
-            keras_loss.unscale_loss_for_distribution(loss), sample_weight=samples
-        )
-        weights = _window.micro_batch_weights(
-            loss,
-            terms,
+        y_pred, weights = _stateful.forward(
+            model,
+            x,
+            y,
+            sample_weight,
             samples,
-            state.window_divisor.value,
-            state.reference_divisor.value,
             is_first,
             accumulation_steps=state.accumulation_steps.value,
             sum_over_replicas=_sum_over_replicas,

@@ -35,7 +35,8 @@ import torch
 from keras.src import tree
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from accum_keras import _loss_terms, _window
+from accum_keras import _window
+from accum_keras._backends import _stateful
 
 
 def distribution_scope(model):
@@ -68,18 +69,12 @@ def train_step(model, data):
     micro_step = _host_micro_step(model)
     is_first = state.micro_step.value == 0  # a device tensor, no sync
 
-    y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
-    with _loss_terms.recorded_terms(model._compile_loss) as terms:
-        loss = model._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
-    model._loss_tracker.update_state(loss, sample_weight=samples)
-    weights = _window.micro_batch_weights(
-        loss,
-        terms,
+    y_pred, weights = _stateful.forward(
+        model,
+        x,
+        y,
+        sample_weight,
         samples,
-        state.window_divisor.value,
-        state.reference_divisor.value,
         is_first,
         accumulation_steps=model._accumulation_steps,
     )

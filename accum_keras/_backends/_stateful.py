@@ -1,0 +1,65 @@
+"""The forward half of a micro-step, shared by the stateful backends (TensorFlow, PyTorch).
+
+JAX's step is stateless and computes the same things through
+``stateless_compute_loss`` (see `accum_keras._backends.jax`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from keras.src.losses import loss as keras_loss
+
+from accum_keras import _loss_terms, _window
+
+
+def forward(
+    model,
+    x,
+    y,
+    sample_weight,
+    samples: Any,
+    is_first: Any,
+    accumulation_steps: Any,
+    sum_over_replicas: Callable[[Any], Any] = lambda value: value,
+    num_replicas: int = 1,
+):
+    """Runs the model and its loss on one micro-batch and weighs it into the window.
+
+    Updates the loss tracker with the real micro-batch loss, as Keras' own step
+    does. Call it where the backend records gradients (inside a
+    `tf.GradientTape` on TensorFlow).
+
+    Args:
+        model: the `AccumulatingModel`.
+        x, y, sample_weight: the micro-batch.
+        samples: number of samples in this replica's micro-batch.
+        is_first: boolean tensor, whether the micro-batch opens a window.
+        accumulation_steps: ``k`` (see `_window.micro_batch_weights`).
+        sum_over_replicas, num_replicas: see `_window.micro_batch_weights`.
+
+    Returns:
+        ``(y_pred, weights)``: the predictions and the `_window.MicroBatchWeights`.
+    """
+    state = model._accumulation_state
+    y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
+    with _loss_terms.recorded_terms(model._compile_loss) as terms:
+        loss = model._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+    model._loss_tracker.update_state(
+        keras_loss.unscale_loss_for_distribution(loss), sample_weight=samples
+    )
+    weights = _window.micro_batch_weights(
+        loss,
+        terms,
+        samples,
+        state.window_divisor.value,
+        state.reference_divisor.value,
+        is_first,
+        accumulation_steps=accumulation_steps,
+        sum_over_replicas=sum_over_replicas,
+        num_replicas=num_replicas,
+    )
+    return y_pred, weights

@@ -159,6 +159,11 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
         self.moving_variance.assign(ops.where(has_data, new_variance, self.moving_variance.value))
         window.reset()
 
+    def discard_window_statistics(self) -> None:
+        """Forgets the open window's statistics (the window was discarded)."""
+        if self._window is not None:
+            self._window.reset()
+
 
 def convert_batch_normalization(model: keras.Model) -> keras.Model:
     """Returns a copy of a functional or sequential model with accumulation-aware BatchNorm.

@@ -199,8 +199,8 @@ class AccumulationCallback(keras.callbacks.Callback):
             return self.model.accumulation_steps
         return schedule[max(started)]
 
-    def _samples_seen(self) -> float:
-        return float(ops.convert_to_numpy(self.model._accumulation_state.samples_seen))
+    def _samples_seen(self) -> int:
+        return self.model._accumulation_state.total_samples_seen()
 
     def _updates(self) -> int:
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))

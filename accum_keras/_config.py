@@ -5,9 +5,12 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+# The window counters are int32 on every backend.
+MAX_ACCUMULATION_STEPS = 2**31 - 1
+
 
 def check_accumulation_steps(value: Any, name: str = "accumulation_steps") -> int:
-    """Returns ``value`` as an int if it is an integer >= 1, else raises.
+    """Returns ``value`` as an int if it is an integer in [1, 2**31 - 1], else raises.
 
     Args:
         value: the candidate number of micro-batches per update.
@@ -18,7 +21,7 @@ def check_accumulation_steps(value: Any, name: str = "accumulation_steps") -> in
 
     Raises:
         TypeError: for bools, floats and other non-integers.
-        ValueError: for integers below 1.
+        ValueError: for integers below 1 or above `MAX_ACCUMULATION_STEPS`.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
@@ -31,6 +34,11 @@ def check_accumulation_steps(value: Any, name: str = "accumulation_steps") -> in
             f"`{name}` must be an int >= 1 (the number of micro-batches per "
             f"optimizer update). Received: {name}={value!r}."
         )
+    if value > MAX_ACCUMULATION_STEPS:
+        raise ValueError(
+            f"`{name}` must be at most {MAX_ACCUMULATION_STEPS} (2**31 - 1: the "
+            f"window counts its micro-batches in int32). Received: {name}={value!r}."
+        )
     return int(value)
 
 
@@ -40,10 +48,16 @@ def check_optimizer_does_not_accumulate(optimizer: Any) -> None:
     Keras' built-in ``gradient_accumulation_steps`` on top of the model's
     window would accumulate twice (k * k' micro-batches per update, with the
     built-in's per-micro-batch averaging).
+
+    Args:
+        optimizer: what ``compile()`` was given: an optimizer, a
+            `LossScaleOptimizer`, a serialized optimizer (dict) or a name.
     """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    for candidate in (optimizer, inner):
-        steps = getattr(candidate, "gradient_accumulation_steps", None)
+    for candidate in _optimizer_and_inner(optimizer):
+        if isinstance(candidate, dict):
+            steps = candidate.get("config", {}).get("gradient_accumulation_steps")
+        else:
+            steps = getattr(candidate, "gradient_accumulation_steps", None)
         if steps:
             raise ValueError(
                 "The optimizer passed to `compile()` already accumulates "
@@ -52,3 +66,10 @@ def check_optimizer_does_not_accumulate(optimizer: Any) -> None:
                 "without `gradient_accumulation_steps` and set the model's "
                 "`accumulation_steps` instead."
             )
+
+
+def _optimizer_and_inner(optimizer: Any) -> list[Any]:
+    if isinstance(optimizer, dict):
+        inner = optimizer.get("config", {}).get("inner_optimizer")
+        return [optimizer] + ([inner] if isinstance(inner, dict) else [])
+    return [optimizer, getattr(optimizer, "inner_optimizer", optimizer)]

@@ -18,7 +18,7 @@ import importlib
 import keras
 from keras import ops
 
-from accum_keras import _loss_terms
+from accum_keras import _lifecycle, _loss_terms
 from accum_keras._config import (
     check_accumulation_steps,
     check_optimizer_does_not_accumulate,
@@ -79,10 +79,14 @@ class AccumulatingModel:
         steps = check_accumulation_steps(accumulation_steps)
         super().__init__(*args, **kwargs)
         self._accumulation_steps = steps
-        self._accumulation_state = AccumulationState(builder=self._build_accumulation_state)
+        self._accumulation_state = AccumulationState(owner=self)
         self._accumulation_apply_function = None
         self._accumulation_fitting = False
         self._accumulation_evaluating = False
+        # Between fit()'s start and its callbacks' `on_train_begin`: a window
+        # loaded then is a BackupAndRestore restore (see `_lifecycle`).
+        self._accumulation_starting_fit = False
+        self._accumulation_restored_at_fit_start = False
 
     # -- configuration -----------------------------------------------------
 
@@ -97,17 +101,46 @@ class AccumulatingModel:
         previous = self._accumulation_steps
         if value == previous:
             return
-        if value == 1:
-            self._apply_pending_window()
         self._accumulation_steps = value
-        state = self._accumulation_state
-        if state.built:
-            state.accumulation_steps.assign(value)
+        _lifecycle.resize(self, value)
         if (previous == 1) != (value == 1) and self.train_function is not None:
             # The plain-Keras step and the accumulating step are different
             # programs; `fit()` looks the function up before every step, so
             # replacing it here takes effect at the next step.
             self.make_train_function(force=True)
+
+    @property
+    def pending_micro_steps(self) -> int:
+        """Micro-batches accumulated in the open window (0 between windows)."""
+        return _lifecycle.pending_micro_steps(self)
+
+    def apply_pending_window(self) -> bool:
+        """Applies the open window now, as one update over its micro-batches.
+
+        ``fit()`` does this itself at every epoch end; call it at the end of a
+        custom loop of ``train_on_batch`` calls, or after an interrupted
+        ``fit()``, so that no micro-batch is left unapplied.
+
+        Returns:
+            Whether a window was open (and so applied).
+
+        Example:
+
+        ```python
+        for x_batch, y_batch in batches:
+            model.train_on_batch(x_batch, y_batch)
+        model.apply_pending_window()  # the short last window
+        ```
+        """
+        return _lifecycle.apply_pending(self)
+
+    def discard_pending_window(self) -> int:
+        """Drops the open window without an update.
+
+        Returns:
+            The number of micro-batches dropped (0 when no window was open).
+        """
+        return _lifecycle.discard_pending(self)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -128,10 +161,13 @@ class AccumulatingModel:
     # -- compile / fit / evaluate hooks ------------------------------------
 
     def compile(self, *args, **kwargs):
+        # Refuse before anything changes: a failed compile keeps the model
+        # (its optimizer and its open window) as it was.
+        optimizer = args[0] if args else kwargs.get("optimizer", "rmsprop")
+        check_optimizer_does_not_accumulate(optimizer)
         if getattr(self, "optimizer", None) is not None:
-            self._apply_pending_window()
+            _lifecycle.apply_pending(self)
         super().compile(*args, **kwargs)
-        check_optimizer_does_not_accumulate(self.optimizer)
         self._accumulation_apply_function = None
 
     def compile_from_config(self, config):
@@ -142,13 +178,25 @@ class AccumulatingModel:
             self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, **kwargs):
-        args, kwargs = _move_accumulation_callbacks_first(args, kwargs)
+        args, kwargs = _order_callbacks(self, args, kwargs)
         self._forget_host_window()
         self._accumulation_fitting = True
+        self._accumulation_starting_fit = True
+        self._accumulation_restored_at_fit_start = False
         try:
             return super().fit(*args, **kwargs)
         finally:
             self._accumulation_fitting = False
+            self._accumulation_starting_fit = False
+
+    def _start_training_windows(self) -> None:
+        """Called once fit()'s callbacks have begun (after any restore)."""
+        self._accumulation_starting_fit = False
+        if self._accumulation_restored_at_fit_start:
+            self._accumulation_restored_at_fit_start = False
+            _lifecycle.discard_pending(self)
+        else:
+            _lifecycle.check_open_window_at_fit_start(self)
 
     def evaluate(self, *args, **kwargs):
         evaluating, self._accumulation_evaluating = self._accumulation_evaluating, True
@@ -162,7 +210,7 @@ class AccumulatingModel:
         # before validation and `on_epoch_end`: the one place where the big
         # batch's short last batch would already have been applied.
         if self._accumulation_fitting and not self._accumulation_evaluating:
-            self._apply_pending_window()
+            _lifecycle.apply_pending(self)
         return super()._get_metrics_result_or_logs(logs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -199,21 +247,47 @@ class AccumulatingModel:
             x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
             samples = _backend_module().num_samples(x)
             state.last_update_samples.assign(ops.cast(samples, "int32"))
-            state.samples_seen.assign_add(ops.cast(samples, "float32"))
+            state.add_samples_seen(samples)
         return logs
 
     # -- window life -------------------------------------------------------
 
     def _build_accumulation_state(self, with_gradients: bool) -> None:
-        """Creates the window state (and accumulators) for the current variables."""
+        """Creates the window state (and accumulators) for the current variables.
+
+        A window opened with another set of trainable variables is applied
+        first, with the variables that accumulated it.
+        """
         state = self._accumulation_state
-        # Also called when saved state is loaded.
         self._forget_host_window()
         with _backend_module().distribution_scope(self):
             state.build_scalars(self._accumulation_steps)
             if with_gradients and not state.follows(self.trainable_variables):
-                self._apply_pending_window()
+                _lifecycle.apply_pending(self)
                 state.follow(self.trainable_variables)
+
+    def _prepare_window_for_load(self, with_gradients: bool) -> None:
+        """Builds the window state for the current variables before a load.
+
+        Nothing is applied: the loaded window replaces the open one.
+        """
+        state = self._accumulation_state
+        self._forget_host_window()
+        with _backend_module().distribution_scope(self):
+            state.build_scalars(self._accumulation_steps)
+            if with_gradients:
+                state.follow(self.trainable_variables)
+
+    def _window_loaded(self) -> None:
+        """A window was just loaded; see the load and restore rows of `_lifecycle`."""
+        self._forget_host_window()
+        self._accumulation_apply_function = None
+        if self._accumulation_starting_fit:
+            self._accumulation_restored_at_fit_start = True
+        elif not self._accumulation_fitting:
+            # The loaded window may already hold `k` micro-batches; the
+            # train function settles it when it is built again.
+            self.train_function = None
 
     def _prepare_accumulation(self) -> None:
         """Builds the window state before `fit()` traces the step (eager)."""
@@ -222,6 +296,8 @@ class AccumulatingModel:
         _loss_terms.install_recorders(self._compile_loss)
         self._find_window_layers()
         self._accumulation_apply_function = None
+        if self.optimizer is not None and self.optimizer.built:
+            _lifecycle.settle(self)
 
     def _find_window_layers(self) -> None:
         """Tells window-aware layers whether their statistics follow windows."""
@@ -262,19 +338,8 @@ class AccumulatingModel:
         _loss_terms.install_recorders(compile_loss)
         self._find_window_layers()
 
-    def _apply_pending_window(self) -> bool:
-        """Applies a partially filled window now.
-
-        Returns:
-            Whether a window was applied.
-        """
-        state = self._accumulation_state
-        if not state.built or int(ops.convert_to_numpy(state.micro_step)) == 0:
-            return False
-        if self._accumulation_apply_function is None:
-            self._accumulation_apply_function = _backend_module().make_apply_function(self)
-        self._accumulation_apply_function()
-        return True
+    def _accumulation_backend(self):
+        return _backend_module()
 
     def _forget_host_window(self) -> None:
         """Backends that mirror the window counter on the host re-read it.
@@ -301,35 +366,48 @@ class AccumulatingModel:
         shardings = super()._get_state_sharding_spec()
         return _backend_module().add_window_shardings(self, shardings)
 
-    @property
-    def pending_micro_steps(self) -> int:
-        """Micro-batches accumulated in the open window (0 between windows)."""
-        state = self._accumulation_state
-        if not state.built:
-            return 0
-        return int(ops.convert_to_numpy(state.micro_step))
-
 
 # `callbacks` is the sixth positional argument of `Model.fit`.
 _FIT_CALLBACKS_POSITION = 5
 
 
-def _move_accumulation_callbacks_first(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Lets `AccumulationCallback` write its logs before other callbacks read them."""
+def _order_callbacks(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Puts `AccumulationCallback` first and the window's own callback last.
+
+    `AccumulationCallback` writes logs that other callbacks read; the window's
+    callback must see the model after every other callback's
+    ``on_train_begin`` (where `BackupAndRestore` restores it).
+    """
     from accum_keras._callback import AccumulationCallback
 
     positional = len(args) > _FIT_CALLBACKS_POSITION
     callbacks = args[_FIT_CALLBACKS_POSITION] if positional else kwargs.get("callbacks")
-    if callbacks is None or isinstance(callbacks, keras.callbacks.CallbackList):
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        # Keras' own list, built by the caller with its own settings: only
+        # make sure that the window's callback ends it.
+        if not any(isinstance(c, _WindowStartCallback) for c in callbacks.callbacks):
+            window_callback = _WindowStartCallback()
+            window_callback.set_model(model)
+            callbacks.callbacks.append(window_callback)
         return args, kwargs
-    callbacks = list(callbacks)
+    callbacks = list(callbacks or [])
     first = [c for c in callbacks if isinstance(c, AccumulationCallback)]
-    ordered = first + [c for c in callbacks if not isinstance(c, AccumulationCallback)]
+    others = [
+        c for c in callbacks if not isinstance(c, (AccumulationCallback, _WindowStartCallback))
+    ]
+    ordered = first + others + [_WindowStartCallback()]
     if positional:
         args = (*args[:_FIT_CALLBACKS_POSITION], ordered, *args[_FIT_CALLBACKS_POSITION + 1 :])
     else:
         kwargs = {**kwargs, "callbacks": ordered}
     return args, kwargs
+
+
+class _WindowStartCallback(keras.callbacks.Callback):
+    """Tells the model when fit()'s callbacks have begun training (see `_lifecycle`)."""
+
+    def on_train_begin(self, logs=None):
+        self.model._start_training_windows()
 
 
 @keras.saving.register_keras_serializable(package="accum_keras")

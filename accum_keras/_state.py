@@ -10,10 +10,11 @@ resumed run continues exactly, even mid-window.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import keras
+import numpy as np
 from keras.src.saving.keras_saveable import KerasSaveable
 
 _SCALARS = (
@@ -23,9 +24,16 @@ _SCALARS = (
     ("reference_divisor", "float32"),
     ("window_samples", "int32"),
     ("last_update_samples", "int32"),
-    ("samples_seen", "float32"),
+    ("samples_seen", "int32"),
+    ("samples_seen_blocks", "int32"),
     ("skipped_updates", "int32"),
 )
+
+# `samples_seen` counts modulo this block size and `samples_seen_blocks` counts
+# whole blocks: two int32 words count exactly up to 2**61 samples on every
+# backend (JAX has no 64-bit integers unless x64 is enabled, and float32 stops
+# counting single samples at 2**24).
+SAMPLES_BLOCK = 2**30
 
 
 class AccumulationState(KerasSaveable):
@@ -45,18 +53,20 @@ class AccumulationState(KerasSaveable):
         window_samples: samples in the open window.
         last_update_samples: samples of the last applied window, i.e. the
             effective batch size of the last update.
-        samples_seen: samples trained on since the model was created (float32,
-            for logging).
+        samples_seen, samples_seen_blocks: samples trained on since the
+            model was created, as ``samples_seen_blocks * SAMPLES_BLOCK +
+            samples_seen`` (read it with `total_samples_seen`).
         skipped_updates: windows not applied because a micro-batch produced a
             non-finite gradient under a `LossScaleOptimizer`.
         accumulation_steps: ``k``, read by the compiled step so that it can be
             changed without retracing.
     """
 
-    def __init__(self, builder: Callable[[bool], None] | None = None):
-        # `builder(with_gradients)` builds this state for its model; kept as a
-        # weak method so that the state does not keep its model alive.
-        self._builder = weakref.WeakMethod(builder) if builder is not None else None
+    def __init__(self, owner: Any = None):
+        # The model this state belongs to, asked to (re)build the state for
+        # its current variables before a load; kept weakly so that the state
+        # does not keep its model alive.
+        self._owner = weakref.ref(owner) if owner is not None else None
         self.gradients: list[Any] = []
         self.accumulated_variables: list[Any] = []
         self._variable_ids: list[int] = []
@@ -93,6 +103,22 @@ class AccumulationState(KerasSaveable):
             aggregation="only_first_replica",
         )
         self._scalars_built = True
+
+    def add_samples_seen(self, samples: Any) -> None:
+        """Counts ``samples`` more samples (stateful backends, inside or outside a step)."""
+        low, blocks = count_samples(
+            self.samples_seen.value, self.samples_seen_blocks.value, samples
+        )
+        self.samples_seen.assign(low)
+        self.samples_seen_blocks.assign(blocks)
+
+    def total_samples_seen(self) -> int:
+        """Samples trained on since the model was created, exactly (a host read)."""
+        if not self.built:
+            return 0
+        low = int(keras.ops.convert_to_numpy(self.samples_seen))
+        blocks = int(keras.ops.convert_to_numpy(self.samples_seen_blocks))
+        return blocks * SAMPLES_BLOCK + low
 
     def follow(self, trainable_variables: Iterable[Any]) -> bool:
         """Makes `gradients` match ``trainable_variables``.
@@ -140,26 +166,85 @@ class AccumulationState(KerasSaveable):
             store[f"gradient_{index}"] = accumulator.numpy()
 
     def load_own_variables(self, store) -> None:
-        # H5 stores iterate over indices, not names: use keys().
-        saved_gradients = [k for k in store.keys() if k.startswith("gradient_")]  # noqa: SIM118
-        builder = self._builder() if self._builder is not None else None
-        if builder is not None:
-            builder(bool(saved_gradients))
+        """Restores the saved window, or starts an empty one when it cannot.
+
+        Never raises for a checkpoint that plain Keras would load: the weights
+        and the optimizer are loaded by Keras around this call, so raising
+        here would leave a half-loaded model. A checkpoint without window
+        state (plain Keras, ``accumulation_steps=1``) loads as an empty
+        window; a saved open window whose accumulators don't match the
+        model's trainable variables is dropped with one warning.
+        """
+        keys = list(store.keys())  # H5 stores iterate over indices, not names.
+        saved_gradients = sorted(
+            (k for k in keys if k.startswith("gradient_")), key=lambda k: int(k.split("_")[1])
+        )
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            owner._prepare_window_for_load(with_gradients=bool(saved_gradients))
         if not self.built:
             raise ValueError(
                 "The accumulation state must be built before loading it; build the model first."
             )
-        if len(saved_gradients) != len(self.gradients):
-            raise ValueError(
-                f"The saved accumulation state has {len(saved_gradients)} "
-                f"accumulators but the model has {len(self.gradients)} trainable "
-                "variables. Load it into a model with the same trainable variables."
-            )
-        for name, _ in _SCALARS:
-            if name in store.keys():  # noqa: SIM118
-                getattr(self, name).assign(store[name])
-        for index, accumulator in enumerate(self.gradients):
-            accumulator.assign(store[f"gradient_{index}"])
+        saved = {name: store[name] for name, _ in _SCALARS if name in keys}
+        _restore_samples_seen(saved)
+        for name in (
+            "last_update_samples",
+            "samples_seen",
+            "samples_seen_blocks",
+            "skipped_updates",
+        ):
+            if name in saved:
+                getattr(self, name).assign(saved[name])
+        pending = int(saved.get("micro_step", 0))
+        matches = len(saved_gradients) == len(self.gradients) and all(
+            tuple(store[k].shape) == tuple(a.shape) for k, a in zip(saved_gradients, self.gradients)
+        )
+        if pending and matches:
+            for name in ("micro_step", "window_divisor", "reference_divisor", "window_samples"):
+                getattr(self, name).assign(saved[name])
+            for key, accumulator in zip(saved_gradients, self.gradients):
+                accumulator.assign(store[key])
+        else:
+            for name in ("micro_step", "window_divisor", "reference_divisor", "window_samples"):
+                variable = getattr(self, name)
+                variable.assign(keras.ops.zeros_like(variable.value))
+            if pending:
+                from accum_keras import _lifecycle
+
+                _lifecycle.mismatched_window_warning(
+                    len(saved_gradients), pending, len(self.gradients)
+                )
+        if owner is not None:
+            owner._window_loaded()
+
+
+def _restore_samples_seen(saved: dict) -> None:
+    """Converts a float32 ``samples_seen`` of accum_keras 0.1 to the exact counter."""
+    value = saved.get("samples_seen")
+    if value is None or "samples_seen_blocks" in saved:
+        return
+    total = int(round(float(value)))
+    saved["samples_seen"] = np.asarray(total % SAMPLES_BLOCK, "int32")
+    saved["samples_seen_blocks"] = np.asarray(total // SAMPLES_BLOCK, "int32")
+
+
+def count_samples(low: Any, blocks: Any, samples: Any) -> tuple[Any, Any]:
+    """Adds ``samples`` to the two-word counter ``(low, blocks)`` (see `SAMPLES_BLOCK`).
+
+    Pure `keras.ops`, so compiled steps of every backend share it.
+
+    Args:
+        low: int32 count modulo `SAMPLES_BLOCK`.
+        blocks: int32 count of whole blocks.
+        samples: samples to add (fewer than `SAMPLES_BLOCK`).
+
+    Returns:
+        The new ``(low, blocks)``.
+    """
+    total = low + keras.ops.cast(samples, "int32")
+    carry = keras.ops.cast(total >= SAMPLES_BLOCK, "int32")
+    return total - carry * SAMPLES_BLOCK, blocks + carry
 
 
 def _zeros(shape, dtype: str, name: str, **distribution):

@@ -259,7 +259,9 @@ def plain_train_step(model, state, data):
         x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
         samples = num_samples(x)
         window["last_update_samples"] = jnp.full_like(window["last_update_samples"], samples)
-        window["samples_seen"] = window["samples_seen"] + samples
+        window["samples_seen"], window["samples_seen_blocks"] = _state.count_samples(
+            window["samples_seen"], window["samples_seen_blocks"], samples
+        )
         window_values = _join(window)
     optimizer_and_window = optimizer_values + window_values + read_only_values
     return logs, (trainable, non_trainable, optimizer_and_window, metrics)
@@ -342,7 +344,9 @@ def train_step(model, state, data):
     window["window_divisor"] = window["window_divisor"] + divisor
     window["reference_divisor"] = reference.astype(window["reference_divisor"].dtype)
     window["window_samples"] = window["window_samples"] + samples
-    window["samples_seen"] = window["samples_seen"] + samples
+    window["samples_seen"], window["samples_seen_blocks"] = _state.count_samples(
+        window["samples_seen"], window["samples_seen_blocks"], samples
+    )
     window["micro_step"] = window["micro_step"] + 1
     steps = window.pop("accumulation_steps")
 
@@ -442,6 +446,12 @@ def _is_loss_scale_optimizer(optimizer) -> bool:
     return hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale")
 
 
+def clear_accumulators(model) -> None:
+    """Zeroes the accumulators (each micro-step adds to them)."""
+    for accumulator in model._accumulation_state.gradients:
+        accumulator.assign(jnp.zeros_like(accumulator.value))
+
+
 def make_apply_function(model):
     """A function that applies the open window to the variables (epoch ends).
 
@@ -461,8 +471,9 @@ def make_apply_function(model):
         apply = jax.jit(apply)
 
     def apply_pending():
+        accumulated = model._accumulation_state.accumulated_variables
         groups = (
-            model._accumulation_state.accumulated_variables,
+            accumulated,
             model.non_trainable_variables,
             model.optimizer.variables,
             written_variables(model),
@@ -471,8 +482,14 @@ def make_apply_function(model):
             *([v.value for v in group] for group in groups),
             [v.value for v in read_only_variables(model)],
         )
-        for group, group_values in zip(groups, values):
+        # A variable frozen since the window opened is in both of the first
+        # two groups; the window's update of it must not be overwritten by
+        # its old value.
+        updated = {id(v) for v in accumulated}
+        for index, (group, group_values) in enumerate(zip(groups, values)):
             for variable, value in zip(group, group_values):
+                if index == 1 and id(variable) in updated:
+                    continue
                 variable.assign(value)
 
     return apply_pending

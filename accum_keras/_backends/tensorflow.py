@@ -107,7 +107,7 @@ def train_step(model, data):
     state.window_divisor.assign_add(weights.divisor)
     state.reference_divisor.assign(weights.reference_divisor)
     state.window_samples.assign_add(global_samples)
-    state.samples_seen.assign_add(tf.cast(global_samples, "float32"))
+    state.add_samples_seen(global_samples)
     state.micro_step.assign_add(1)
     _apply_window_when_full(model)
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -239,6 +239,10 @@ def _all_finite(gradients: Sequence[Any]):
     return tf.equal(
         _sum_over_replicas(local), tf.distribute.get_replica_context().num_replicas_in_sync
     )
+
+
+def clear_accumulators(model) -> None:
+    """Nothing to clear: a window's first micro-batch overwrites the accumulators."""
 
 
 def make_apply_function(model):

@@ -35,7 +35,7 @@ import torch
 from keras.src import tree
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from accum_keras import _window
+from accum_keras import _state, _window
 from accum_keras._backends import _stateful
 
 
@@ -90,7 +90,11 @@ def train_step(model, data):
         state.window_divisor.value.add_(weights.divisor.detach())
         state.reference_divisor.value.copy_(weights.reference_divisor.detach())
         state.window_samples.value.add_(samples)
-        state.samples_seen.value.add_(float(samples))
+        low, blocks = _state.count_samples(
+            state.samples_seen.value, state.samples_seen_blocks.value, samples
+        )
+        state.samples_seen.value.copy_(low)
+        state.samples_seen_blocks.value.copy_(blocks)
         state.micro_step.value.add_(1)
     model._accumulation_host_micro_step = micro_step + 1
     if micro_step + 1 >= model._accumulation_steps:
@@ -190,6 +194,13 @@ def all_finite(gradients) -> Any:
     if not present:
         return torch.tensor(True)
     return torch.stack([torch.isfinite(g).all() for g in present]).all()
+
+
+def clear_accumulators(model) -> None:
+    """Zeroes the accumulators (autograd adds into them; see `_accumulate`)."""
+    with torch.no_grad():
+        for accumulator in model._accumulation_state.gradients:
+            accumulator.value.zero_()
 
 
 def make_apply_function(model):

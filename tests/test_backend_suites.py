@@ -34,6 +34,7 @@ SUITE = [
     "tests/test_batch_norm.py",
     "tests/test_mixed_precision.py",
     "tests/test_window_life.py",
+    "tests/test_window_state_machine.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

@@ -56,6 +56,14 @@ class AccumulatingModel:
         accumulation_steps: int >= 1, micro-batches per optimizer update.
             1 trains exactly like plain Keras. Can be reassigned between
             epochs or ``fit()`` calls without recompiling.
+        skip_nonfinite_updates: if True, a window whose gradient has a NaN
+            or infinite value is not applied (the weights, the optimizer and
+            its update count stay as they were), and it is counted in the
+            logged ``skipped_updates``; like optax's ``apply_if_finite``, for
+            any dtype policy. A `LossScaleOptimizer` skips such windows
+            anyway. Applies to windows of ``accumulation_steps >= 2`` (at 1
+            the model runs Keras' own step); not supported under
+            ``tf.distribute`` strategies other than the default one.
         *args, **kwargs: passed to the Keras model class.
 
     Example:
@@ -75,10 +83,22 @@ class AccumulatingModel:
     ```
     """
 
-    def __init__(self, *args, accumulation_steps: int = 1, **kwargs):
+    def __init__(
+        self,
+        *args,
+        accumulation_steps: int = 1,
+        skip_nonfinite_updates: bool = False,
+        **kwargs,
+    ):
         steps = check_accumulation_steps(accumulation_steps)
+        if not isinstance(skip_nonfinite_updates, bool):
+            raise TypeError(
+                "`skip_nonfinite_updates` must be True or False. "
+                f"Received: skip_nonfinite_updates={skip_nonfinite_updates!r}."
+            )
         super().__init__(*args, **kwargs)
         self._accumulation_steps = steps
+        self.skip_nonfinite_updates = skip_nonfinite_updates
         self._accumulation_state = AccumulationState(owner=self)
         self._accumulation_apply_function = None
         self._accumulation_fitting = False
@@ -145,17 +165,21 @@ class AccumulatingModel:
     def get_config(self) -> dict:
         config = super().get_config()
         config["accumulation_steps"] = self._accumulation_steps
+        if self.skip_nonfinite_updates:
+            config["skip_nonfinite_updates"] = True
         return config
 
     @classmethod
     def from_config(cls, config: dict, custom_objects: dict | None = None):
         config = dict(config)
         steps = config.pop("accumulation_steps", 1)
+        skip = config.pop("skip_nonfinite_updates", False)
         if "layers" not in config:
             # A subclassed model: its constructor takes the argument.
-            return cls(accumulation_steps=steps, **config)
+            return cls(accumulation_steps=steps, skip_nonfinite_updates=skip, **config)
         model = super().from_config(config, custom_objects=custom_objects)
         model.accumulation_steps = steps
+        model.skip_nonfinite_updates = skip
         return model
 
     # -- compile / fit / evaluate hooks ------------------------------------
@@ -293,6 +317,7 @@ class AccumulatingModel:
         """Builds the window state before `fit()` traces the step (eager)."""
         self._build_accumulation_state(self.built and self._accumulation_steps > 1)
         self._accumulation_state.accumulation_steps.assign(self._accumulation_steps)
+        _backend_module().check_skip_nonfinite_supported(self)
         _loss_terms.install_recorders(self._compile_loss)
         self._find_window_layers()
         self._accumulation_apply_function = None

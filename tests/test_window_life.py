@@ -384,3 +384,45 @@ def test_accumulation_steps_beyond_int32_are_refused():
     )
     assert model.accumulation_steps == 2**31 - 1
     assert np.int64(2**31 - 1) == model.accumulation_steps
+
+
+# -- non-finite gradients ----------------------------------------------------------------
+
+
+def test_skip_nonfinite_updates_drops_a_window_with_a_nan_gradient_and_counts_it():
+    x, y = regression_data()
+    x = x.copy()
+    x[5 * MICRO] = np.nan  # in micro-batch 5, window 1
+    keras.utils.set_random_seed(0)
+    inputs, outputs = small_regression_layers()()
+    accumulating = accum_keras.Model(
+        inputs, outputs, accumulation_steps=K, skip_nonfinite_updates=True
+    )
+    _, plain = twins()
+    plain.set_weights(accumulating.get_weights())
+    accumulating.compile(keras.optimizers.Adam(0.01), loss="mse")
+    accumulating.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    apply_big_batch(plain, x, y, 0, 4)
+    apply_big_batch(plain, x, y, 8, 4)
+    apply_big_batch(plain, x, y, 12, 4)
+    assert_same_training(accumulating, plain)
+    assert int(keras.ops.convert_to_numpy(accumulating._accumulation_state.skipped_updates)) == 1
+    assert accumulating.get_config()["skip_nonfinite_updates"] is True
+
+
+def test_without_skip_nonfinite_updates_a_nan_reaches_the_weights_as_in_plain_keras():
+    x, y = regression_data()
+    x = x.copy()
+    x[5 * MICRO] = np.nan
+    accumulating, _ = twins()
+    accumulating.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    assert np.isnan(accumulating.get_weights()[0]).any()
+
+
+def test_skip_nonfinite_updates_must_be_a_bool():
+    with pytest.raises(TypeError, match="`skip_nonfinite_updates` must be True or False"):
+        accum_keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(1)],
+            accumulation_steps=2,
+            skip_nonfinite_updates=1,
+        )

@@ -424,16 +424,29 @@ def apply_window_values(model, trainable, non_trainable, optimizer_values, windo
         for accumulated, value in zip(window["gradients"], trainable)
     ]
     window = dict(window)
-    if _is_loss_scale_optimizer(model.optimizer):
+    loss_scaled = _is_loss_scale_optimizer(model.optimizer)
+    if loss_scaled or model.skip_nonfinite_updates:
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in gradients]))
         skipped = window["skipped_updates"]
         window["skipped_updates"] = skipped + jnp.logical_not(finite).astype(skipped.dtype)
-    trainable, optimizer_values = model.optimizer.stateless_apply(
-        optimizer_values, gradients, trainable
-    )
-    non_trainable, window["layer_statistics"] = _apply_layer_statistics(
-        model, non_trainable, window["layer_statistics"]
-    )
+
+    def update(trainable, non_trainable, optimizer_values, statistics):
+        trainable, optimizer_values = model.optimizer.stateless_apply(
+            optimizer_values, gradients, trainable
+        )
+        non_trainable, statistics = _apply_layer_statistics(model, non_trainable, statistics)
+        return list(trainable), list(non_trainable), list(optimizer_values), list(statistics)
+
+    operands = (list(trainable), list(non_trainable), list(optimizer_values))
+    operands += (list(window["layer_statistics"]),)
+    if model.skip_nonfinite_updates and not loss_scaled:
+        # Opt-in: a window with a non-finite gradient is not applied.
+        trainable, non_trainable, optimizer_values, statistics = _cond(
+            finite, update, lambda *values: tuple(list(v) for v in values), *operands
+        )
+    else:
+        trainable, non_trainable, optimizer_values, statistics = update(*operands)
+    window["layer_statistics"] = statistics
     window["gradients"] = [jnp.zeros_like(g) for g in window["gradients"]]
     window["last_update_samples"] = window["window_samples"]
     window["window_samples"] = jnp.zeros_like(window["window_samples"])
@@ -444,6 +457,10 @@ def apply_window_values(model, trainable, non_trainable, optimizer_values, windo
 
 def _is_loss_scale_optimizer(optimizer) -> bool:
     return hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale")
+
+
+def check_skip_nonfinite_supported(model) -> None:
+    """Every JAX setup supports ``skip_nonfinite_updates``."""
 
 
 def clear_accumulators(model) -> None:

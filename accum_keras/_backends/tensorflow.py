@@ -216,13 +216,43 @@ def apply_window(model) -> None:
     if _is_loss_scale_optimizer(optimizer):
         finite = _all_finite(gradients)
         state.skipped_updates.assign_add(tf.cast(tf.logical_not(finite), "int32"))
-    optimizer.apply(gradients, state.accumulated_variables)
-    for layer in getattr(model, "_accumulation_window_layers", ()):
-        layer.apply_window_statistics()
+    if model.skip_nonfinite_updates and not _is_loss_scale_optimizer(optimizer):
+        # Opt-in: a window with a non-finite gradient is not applied.
+        finite = _all_finite(gradients)
+        state.skipped_updates.assign_add(tf.cast(tf.logical_not(finite), "int32"))
+        tf.cond(
+            finite,
+            lambda: _update(model, gradients),
+            lambda: tf.constant(False),
+        )
+    else:
+        _update(model, gradients)
     state.last_update_samples.assign(state.window_samples.value)
     state.window_samples.assign(0)
     state.window_divisor.assign(0.0)
     state.micro_step.assign(0)
+
+
+def _update(model, gradients):
+    """The optimizer step and the window-aware layers' statistics."""
+    model.optimizer.apply(gradients, model._accumulation_state.accumulated_variables)
+    for layer in getattr(model, "_accumulation_window_layers", ()):
+        layer.apply_window_statistics()
+    return tf.constant(True)
+
+
+def check_skip_nonfinite_supported(model) -> None:
+    """Refuses ``skip_nonfinite_updates`` where the update cannot be made conditional."""
+    if model.skip_nonfinite_updates and not (
+        tf.__internal__.distribute.strategy_supports_no_merge_call()
+        or _is_loss_scale_optimizer(model.optimizer)
+    ):
+        raise NotImplementedError(
+            "`skip_nonfinite_updates=True` is not supported under this tf.distribute "
+            "strategy (its optimizer update cannot run under a condition). Use a "
+            "LossScaleOptimizer (mixed precision), which skips non-finite windows "
+            "itself, or set skip_nonfinite_updates=False."
+        )
 
 
 def _is_loss_scale_optimizer(optimizer) -> bool:

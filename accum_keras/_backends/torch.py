@@ -174,12 +174,18 @@ def apply_window(model) -> None:
             if gradient.dtype != variable.value.dtype:
                 gradient = gradient.to(variable.value.dtype)
             gradients.append(gradient)
-        if hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale"):
+        loss_scaled = hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale")
+        apply = True
+        if loss_scaled or model.skip_nonfinite_updates:
             finite = all_finite(gradients)
             state.skipped_updates.assign_add(torch.logical_not(finite).to(torch.int32))
-        optimizer.apply(gradients, state.accumulated_variables)
-        for layer in getattr(model, "_accumulation_window_layers", ()):
-            layer.apply_window_statistics()
+            if not loss_scaled:
+                # Opt-in skip: one host synchronization per window.
+                apply = bool(finite)
+        if apply:
+            optimizer.apply(gradients, state.accumulated_variables)
+            for layer in getattr(model, "_accumulation_window_layers", ()):
+                layer.apply_window_statistics()
         for accumulator in state.gradients:
             accumulator.value.zero_()
         state.last_update_samples.value.copy_(state.window_samples.value)
@@ -201,6 +207,10 @@ def clear_accumulators(model) -> None:
     with torch.no_grad():
         for accumulator in model._accumulation_state.gradients:
             accumulator.value.zero_()
+
+
+def check_skip_nonfinite_supported(model) -> None:
+    """Every PyTorch setup supports ``skip_nonfinite_updates``."""
 
 
 def make_apply_function(model):

@@ -209,6 +209,10 @@ class AccumulationState(KerasSaveable):
             for name in ("micro_step", "window_divisor", "reference_divisor", "window_samples"):
                 variable = getattr(self, name)
                 variable.assign(keras.ops.zeros_like(variable.value))
+            if owner is not None:
+                # Backends that add every micro-batch to the accumulators
+                # need them empty for the next window.
+                owner._accumulation_backend().clear_accumulators(owner)
             if pending:
                 from accum_keras import _lifecycle
 

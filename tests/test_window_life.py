@@ -269,7 +269,7 @@ def test_backup_and_restore_in_the_same_process_does_not_merge_the_interrupted_w
 def test_a_plain_keras_checkpoint_loads_into_a_model_with_an_open_window(tmp_path):
     x, y = regression_data()
     accumulating, plain = twins()
-    plain.fit(x, y, batch_size=16, verbose=0)
+    plain.fit(x, y, batch_size=16, shuffle=False, verbose=0)
     path = str(tmp_path / "plain.weights.h5")
     plain.save_weights(path)
     for index in range(3):
@@ -287,8 +287,8 @@ def test_a_plain_keras_checkpoint_loads_into_a_model_with_an_open_window(tmp_pat
 def test_a_k1_checkpoint_loads_into_an_accumulating_model(tmp_path):
     x, y = regression_data()
     one, plain = twins(k=1)
-    one.fit(x, y, batch_size=16, verbose=0)
-    plain.fit(x, y, batch_size=16, verbose=0)
+    one.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+    plain.fit(x, y, batch_size=16, shuffle=False, verbose=0)
     path = str(tmp_path / "k1.weights.h5")
     one.save_weights(path)
     accumulating, _ = twins()

@@ -356,7 +356,12 @@ class AccumulatingModel:
         state = self._accumulation_state
         if not (state.built and state.follows(self.trainable_variables)):
             # Only reached without a distribution strategy (with one, Keras
-            # builds everything before tracing and so does `fit()` here).
+            # builds everything before tracing and so does `fit()` here),
+            # or when a step running eagerly sees layers frozen or unfrozen
+            # since the last one: the open window is applied with the
+            # variables that accumulated it before the accumulators follow.
+            if state.built and _backend_module().executing_eagerly():
+                _lifecycle.apply_pending(self)
             with _backend_module().distribution_scope(self):
                 state.build_scalars(self._accumulation_steps)
                 state.follow(self.trainable_variables)

@@ -426,3 +426,25 @@ def test_skip_nonfinite_updates_must_be_a_bool():
             accumulation_steps=2,
             skip_nonfinite_updates=1,
         )
+
+
+def test_freezing_between_eager_steps_applies_the_window_with_the_variables_that_opened_it():
+    # A step that runs eagerly (run_eagerly=True; every PyTorch step) sees a
+    # layer frozen without compile() at once: the open window is applied
+    # first, nothing of the frozen layer's part is lost.
+    x, y = regression_data()
+    accumulating, plain = twins(optimizer=lambda: keras.optimizers.SGD(0.05))
+    for model in (accumulating, plain):
+        model.compile(keras.optimizers.SGD(0.05), loss="mse", run_eagerly=True)
+    for index in range(2):
+        accumulating.train_on_batch(*micro(x, y, index))
+    accumulating.layers[1].trainable = False
+    accumulating.train_on_batch(*micro(x, y, 2))
+    apply_big_batch(plain, x, y, 0, 2)
+    plain.layers[1].trainable = False
+    assert updates(accumulating) == 1
+    assert accumulating.pending_micro_steps == 1
+    for index in range(3, 6):
+        accumulating.train_on_batch(*micro(x, y, index))
+    apply_big_batch(plain, x, y, 2, 4)
+    assert_same_training(accumulating, plain)

@@ -463,6 +463,11 @@ def check_skip_nonfinite_supported(model) -> None:
     """Every JAX setup supports ``skip_nonfinite_updates``."""
 
 
+def executing_eagerly() -> bool:
+    """The JAX step never prepares its state itself (see `train_step`)."""
+    return False
+
+
 def clear_accumulators(model) -> None:
     """Zeroes the accumulators (each micro-step adds to them)."""
     for accumulator in model._accumulation_state.gradients:

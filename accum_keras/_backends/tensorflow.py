@@ -271,6 +271,11 @@ def _all_finite(gradients: Sequence[Any]):
     )
 
 
+def executing_eagerly() -> bool:
+    """Whether the step runs eagerly (``run_eagerly=True``), not being traced."""
+    return tf.executing_eagerly()
+
+
 def clear_accumulators(model) -> None:
     """Nothing to clear: a window's first micro-batch overwrites the accumulators."""
 
@@ -280,7 +285,11 @@ def make_apply_function(model):
     strategy = model.distribute_strategy
 
     def apply_pending():
-        strategy.run(apply_window, args=(model,))
+        if tf.distribute.in_cross_replica_context():
+            strategy.run(apply_window, args=(model,))
+        else:
+            # Called from inside an eager step (see `executing_eagerly`).
+            apply_window(model)
 
     if model.run_eagerly:
         return apply_pending

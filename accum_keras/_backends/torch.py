@@ -202,6 +202,11 @@ def all_finite(gradients) -> Any:
     return torch.stack([torch.isfinite(g).all() for g in present]).all()
 
 
+def executing_eagerly() -> bool:
+    """PyTorch steps always run eagerly."""
+    return True
+
+
 def clear_accumulators(model) -> None:
     """Zeroes the accumulators (autograd adds into them; see `_accumulate`)."""
     with torch.no_grad():

@@ -35,6 +35,7 @@ SUITE = [
     "tests/test_mixed_precision.py",
     "tests/test_window_life.py",
     "tests/test_window_state_machine.py",
+    "tests/test_window_edges.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

@@ -84,9 +84,9 @@ def test_a_later_fit_without_scaling_trains_at_the_unscaled_rate():
     accumulating, plain = compiled_twins(0.01, plain_rate=0.01 * K)
     fit = {"x": x, "y": y, "batch_size": MICRO, "shuffle": False, "verbose": 0}
     accumulating.fit(**fit, callbacks=[accum_keras.AccumulationCallback("linear")])
+    accumulating.fit(**fit)  # no AccumulationCallback at all
     accumulating.fit(**fit, callbacks=[accum_keras.AccumulationCallback(lr_scaling=None)])
     assert accumulating.history.history["learning_rate"] == pytest.approx([0.01])
-    accumulating.fit(**fit)  # no AccumulationCallback at all
     plain.fit(x, y, batch_size=MICRO * K, shuffle=False, verbose=0)
     plain.optimizer.learning_rate = 0.01
     plain.fit(x, y, batch_size=MICRO * K, epochs=2, shuffle=False, verbose=0)
@@ -217,7 +217,11 @@ def test_a_schedule_rate_stays_not_settable_as_in_keras():
         plain.fit(x, y, batch_size=MICRO * K, verbose=0, callbacks=[reduce])
     with pytest.raises(TypeError, match="not settable") as our_error:
         accumulating.fit(
-            x, y, batch_size=MICRO, verbose=0, callbacks=[reduce, accum_keras.AccumulationCallback()]
+            x,
+            y,
+            batch_size=MICRO,
+            verbose=0,
+            callbacks=[reduce, accum_keras.AccumulationCallback()],
         )
     assert str(our_error.value) == str(keras_error.value)
 

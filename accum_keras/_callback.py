@@ -104,6 +104,15 @@ class AccumulationCallback(keras.callbacks.Callback):
                 f"Received: warmup_updates={warmup_updates}, "
                 f"warmup_epochs={warmup_epochs}."
             )
+        if self.lr_scaling is None and (self.warmup_updates or self.warmup_epochs):
+            raise ValueError(
+                "The warmup raises the scaling multiplier from 1 to its value; "
+                "with lr_scaling=None there is nothing to warm up. Choose "
+                "lr_scaling='linear' or 'sqrt', or warm an unscaled rate up with "
+                "a schedule, e.g. keras.optimizers.schedules.CosineDecay("
+                "..., warmup_steps=...). Received: lr_scaling=None, "
+                f"warmup_updates={warmup_updates}, warmup_epochs={warmup_epochs}."
+            )
         self.accumulation_schedule = _check_schedule(accumulation_schedule)
         self.verbose = verbose
         self._micro_batch_size: int | None = None
@@ -203,8 +212,11 @@ class AccumulationCallback(keras.callbacks.Callback):
             if k != self.model.accumulation_steps:
                 if self.verbose:
                     print(f"\nEpoch {epoch + 1}: accumulation_steps -> {k}")
-                # The rate reads k from the model's variable: no retrace.
                 self.model.accumulation_steps = k
+                if self._rate is not None:
+                    # The rate reads k from the model's variable, but JAX's
+                    # compiled optimizer update sees it as a constant.
+                    self.model.make_train_function(force=True)
         self._epoch_start = (self._samples_seen(), self._updates())
 
     def on_train_batch_end(self, batch, logs=None):

@@ -127,8 +127,9 @@ class FitLearningRate:
 
     ``rate(step) = base(step) * warmed_up(factor(k), step, warmup_updates)``
     where ``factor`` is the scaling rule applied to ``k * batch_ratio`` and
-    ``k`` is read from the model's ``accumulation_steps`` variable, so that an
-    accumulation schedule changes the rate without retracing the step.
+    ``k`` is read from the model's ``accumulation_steps`` variable (on JAX
+    the compiled optimizer update holds it as a constant: the callback traces
+    the step again when it changes ``k``).
 
     The callback puts it in the optimizer's place of the learning rate for one
     ``fit`` and takes it out at the end. Keras treats it as a callable

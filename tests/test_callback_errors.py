@@ -28,6 +28,12 @@ def test_only_one_warmup_may_be_set():
         accum_keras.AccumulationCallback(warmup_updates=2, warmup_epochs=1)
 
 
+@pytest.mark.parametrize("warmup", [{"warmup_updates": 5}, {"warmup_epochs": 0.5}])
+def test_a_warmup_needs_a_scaling_rule(warmup):
+    with pytest.raises(ValueError, match="with lr_scaling=None there is nothing to warm up"):
+        accum_keras.AccumulationCallback(lr_scaling=None, **warmup)
+
+
 @pytest.mark.parametrize("value", [0, -8, 8.0, True, "8"])
 def test_base_batch_size_is_a_batch_size_in_samples(value):
     with pytest.raises(ValueError, match="`base_batch_size` must be an int >= 1") as error:

@@ -93,6 +93,24 @@ def test_a_later_fit_without_scaling_trains_at_the_unscaled_rate():
     assert_same_training(accumulating, plain)
 
 
+def test_a_fit_that_raised_does_not_make_the_next_one_scale_twice():
+    # Keras skips on_train_end when fit() raises: the scaled rate is still in
+    # place, and the next fit with the callback takes it out before scaling.
+    x, y = regression_data(samples=64)
+    accumulating, _ = compiled_twins(0.01)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    fit = {"x": x, "y": y, "batch_size": MICRO, "shuffle": False, "verbose": 0}
+    with pytest.raises(KeyboardInterrupt):
+        accumulating.fit(**fit, callbacks=[Interrupt(), accum_keras.AccumulationCallback()])
+    accumulating.fit(**fit, callbacks=[accum_keras.AccumulationCallback()])
+    assert accumulating.history.history["learning_rate"] == pytest.approx([0.01 * K])
+    assert current_rate(accumulating) == pytest.approx(0.01)
+
+
 def test_base_batch_size_scales_relative_to_it():
     x, y = regression_data(samples=64)
     # Effective batch 16 against a rate tuned for 8: twice the rate.

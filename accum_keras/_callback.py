@@ -146,13 +146,14 @@ class AccumulationCallback(keras.callbacks.Callback):
     def _install_rate(self) -> None:
         inner = _inner_optimizer(self.model.optimizer)
         own_rate = inner._learning_rate
-        if isinstance(own_rate, FitLearningRate):
+        changed = isinstance(own_rate, FitLearningRate)
+        if changed:
             # Left by a fit that raised before `on_train_end`.
             own_rate = own_rate.base
             inner._learning_rate = own_rate
-        if self.lr_scaling is None:
-            self._rate = None
-        else:
+        self._rate = None
+        if self.lr_scaling is not None:
+            changed = True
             model = self.model
             state = model._accumulation_state
 
@@ -170,8 +171,9 @@ class AccumulationCallback(keras.callbacks.Callback):
             # Set directly, not through Keras' setter: that one would untrack
             # the optimizer's rate variable, which stays the saved rate.
             inner._learning_rate = self._rate
-        # The compiled step read the previous rate object; trace it again.
-        self.model.make_train_function(force=True)
+        if changed:
+            # The compiled step read the previous rate; trace it again.
+            self.model.make_train_function(force=True)
 
     def _remove_rate(self) -> None:
         rate, self._rate = self._rate, None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import keras
 from keras import ops
 
 from accum_keras._config import check_accumulation_steps
-from accum_keras._schedules import ScaledLearningRate, check_lr_scaling, scaling_factor
+from accum_keras._schedules import FitLearningRate, check_lr_scaling
 
 AccumulationSchedule = dict[int, int] | Callable[[int], int]
 
@@ -18,34 +19,51 @@ class AccumulationCallback(keras.callbacks.Callback):
     """Companion callback of `AccumulatingModel`.
 
     - Scales the learning rate for the effective batch (micro-batch x
-      ``accumulation_steps``) relative to ``base_batch_size``: ``"linear"``
-      multiplies it by the batch ratio (Goyal et al. 2017), ``"sqrt"`` by its
-      square root (Hoffer et al. 2017), None leaves it alone. The optimizer's
-      rate (float or `LearningRateSchedule`) becomes the base of a
-      `ScaledLearningRate`, installed once per optimizer, so calling ``fit``
-      again does not scale twice.
-    - Optionally warms the multiplier up linearly over the first
+      ``accumulation_steps``) relative to ``base_batch_size`` during the
+      ``fit`` it is passed to: ``"linear"`` multiplies it by the batch ratio
+      (Goyal et al. 2017), ``"sqrt"`` by its square root (Hoffer et al.
+      2017), None leaves it alone. Outside that ``fit`` the optimizer has its
+      own, unscaled rate again.
+    - Optionally warms the multiplier up linearly from 1 over the first
       ``warmup_updates`` updates or ``warmup_epochs`` epochs.
     - Optionally changes ``accumulation_steps`` at epoch starts
       (``accumulation_schedule``), to grow the batch instead of decaying the
       rate (Smith et al. 2017).
-    - Adds ``effective_batch_size`` (samples per update, counted),
-      ``accumulation_steps``, ``learning_rate``, ``updates`` and
-      ``skipped_updates`` (windows dropped for a non-finite gradient under
-      mixed precision) to the logs that
-      the progress bar, `History`, `CSVLogger` and `TensorBoard` see. The model
-      runs this callback before the others. At batch level
-      ``effective_batch_size`` is that of the last update; at epoch level it is
-      the epoch's samples divided by its updates.
+    - Logs ``effective_batch_size`` (samples per update, counted) and
+      ``learning_rate`` (see "Logs" below).
+
+    Learning rate during the fit. ``optimizer.learning_rate`` reads the rate
+    the next update applies (scaled and warmed up). Assigning a float to it,
+    as `keras.callbacks.ReduceLROnPlateau` and
+    `keras.callbacks.LearningRateScheduler` do, sets the rate applied now to
+    that float by rescaling the optimizer's own rate; scaling and warmup keep
+    acting relative to it. So a reduction by a factor is applied exactly
+    once, and ``LearningRateScheduler(lambda epoch, lr: ...)`` receives and
+    returns applied rates. A rate that is a `LearningRateSchedule` stays not
+    settable, as in Keras. What the callbacks change is kept, unscaled, after
+    the fit (a rate reduced by half during the fit is half the original one).
+
+    Logs. Batch logs (the progress bar) get ``effective_batch_size``: the
+    samples of the last update, from the first update of the fit on. Epoch
+    logs (the bar's last line, `History`, `CSVLogger`, `TensorBoard`) get
+    ``effective_batch_size`` (the epoch's samples divided by its updates, when
+    the epoch made one), ``learning_rate``, ``accumulation_steps`` when an
+    ``accumulation_schedule`` is set, and ``skipped_updates`` (windows
+    dropped for a non-finite gradient, since the model was created) when the
+    optimizer can skip one (a `LossScaleOptimizer`). The model runs this
+    callback before the others, so they all see these logs.
 
     Args:
         lr_scaling: ``"linear"``, ``"sqrt"`` or None.
-        base_batch_size: the batch size the optimizer's learning rate was
-            tuned for. Default: the micro-batch size, i.e. the multiplier is
-            ``accumulation_steps`` (linear) or its square root.
+        base_batch_size: the batch size in samples the optimizer's learning
+            rate was tuned for. Default: the micro-batch size, i.e. the
+            multiplier is ``accumulation_steps`` (linear) or its square root.
+            Otherwise the multiplier takes effect once the first micro-batch
+            has been measured.
         warmup_updates: updates over which the multiplier rises from 1.
         warmup_epochs: the same, in epochs (needs a known number of steps per
-            epoch). At most one of the two warmups may be set.
+            epoch; each epoch counts ``ceil(steps / accumulation_steps)``
+            updates). At most one of the two warmups may be set.
         accumulation_schedule: ``{epoch: k}`` (k holds from that epoch on) or a
             function ``epoch -> k``.
         verbose: 1 prints a line when the schedule changes ``k``.
@@ -55,8 +73,10 @@ class AccumulationCallback(keras.callbacks.Callback):
     ```python
     model.fit(
         x, y, batch_size=4, epochs=10,
-        callbacks=[accum_keras.AccumulationCallback(
-            lr_scaling="linear", warmup_epochs=2)],
+        callbacks=[
+            accum_keras.AccumulationCallback(lr_scaling="linear", warmup_epochs=2),
+            keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5),
+        ],
     )
     ```
     """
@@ -73,22 +93,33 @@ class AccumulationCallback(keras.callbacks.Callback):
         super().__init__()
         self.lr_scaling = check_lr_scaling(lr_scaling)
         if base_batch_size is not None:
-            check_accumulation_steps(base_batch_size, name="base_batch_size")
+            _check_batch_size(base_batch_size)
+            base_batch_size = int(base_batch_size)
         self.base_batch_size = base_batch_size
-        _check_non_negative("warmup_updates", warmup_updates)
-        _check_non_negative("warmup_epochs", warmup_epochs)
-        if warmup_updates and warmup_epochs:
+        self.warmup_updates = _check_warmup_updates(warmup_updates)
+        self.warmup_epochs = _check_warmup_epochs(warmup_epochs)
+        if self.warmup_updates and self.warmup_epochs:
             raise ValueError(
                 "Set at most one of `warmup_updates` and `warmup_epochs`. "
                 f"Received: warmup_updates={warmup_updates}, "
                 f"warmup_epochs={warmup_epochs}."
             )
-        self.warmup_updates = int(warmup_updates)
-        self.warmup_epochs = warmup_epochs
+        if self.lr_scaling is None and (self.warmup_updates or self.warmup_epochs):
+            raise ValueError(
+                "The warmup raises the scaling multiplier from 1 to its value; "
+                "with lr_scaling=None there is nothing to warm up. Choose "
+                "lr_scaling='linear' or 'sqrt', or warm an unscaled rate up with "
+                "a schedule, e.g. keras.optimizers.schedules.CosineDecay("
+                "..., warmup_steps=...). Received: lr_scaling=None, "
+                f"warmup_updates={warmup_updates}, warmup_epochs={warmup_epochs}."
+            )
         self.accumulation_schedule = _check_schedule(accumulation_schedule)
         self.verbose = verbose
         self._micro_batch_size: int | None = None
+        self._rate: FitLearningRate | None = None
         self._epoch_start = (0.0, 0)
+        self._fit_start_updates = 0
+        self._log_skips = False
 
     # -- setup -------------------------------------------------------------
 
@@ -104,23 +135,62 @@ class AccumulationCallback(keras.callbacks.Callback):
         super().set_model(model)
 
     def on_train_begin(self, logs=None):
-        if self.lr_scaling is None and not self.warmup_updates and not self.warmup_epochs:
-            return
-        optimizer = self.model.optimizer
-        inner = getattr(optimizer, "inner_optimizer", optimizer)
-        schedule = inner._learning_rate
-        if not isinstance(schedule, ScaledLearningRate):
-            base = schedule
-            if isinstance(base, keras.Variable):
-                base = float(ops.convert_to_numpy(base))
-            schedule = ScaledLearningRate(base, 1.0, self._warmup_updates())
-            inner.learning_rate = schedule
-            # The traced step read the old rate; trace it again.
+        model = self.model
+        self._fit_start_updates = self._updates()
+        self._log_skips = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        self._install_rate()
+
+    def on_train_end(self, logs=None):
+        self._remove_rate()
+
+    def _install_rate(self) -> None:
+        inner = _inner_optimizer(self.model.optimizer)
+        own_rate = inner._learning_rate
+        changed = isinstance(own_rate, FitLearningRate)
+        if changed:
+            # Left by a fit that raised before `on_train_end`.
+            own_rate = own_rate.base
+            inner._learning_rate = own_rate
+        self._rate = None
+        if self.lr_scaling is not None:
+            changed = True
+            model = self.model
+            state = model._accumulation_state
+
+            def accumulation_steps():
+                return state.accumulation_steps if state.built else model.accumulation_steps
+
+            self._rate = FitLearningRate(
+                own_rate,
+                iterations=inner.iterations,
+                accumulation_steps=accumulation_steps,
+                rule=self.lr_scaling,
+                batch_ratio=self._batch_ratio(),
+                warmup_updates=self._warmup_updates(),
+            )
+            # Set directly, not through Keras' setter: that one would untrack
+            # the optimizer's rate variable, which stays the saved rate.
+            inner._learning_rate = self._rate
+        if changed:
+            # The compiled step read the previous rate; trace it again.
             self.model.make_train_function(force=True)
-        else:
-            schedule.warmup_updates = self._warmup_updates()
-        self._schedule = schedule
-        self._update_multiplier()
+
+    def _remove_rate(self) -> None:
+        rate, self._rate = self._rate, None
+        if rate is None:
+            return
+        inner = _inner_optimizer(self.model.optimizer)
+        # Unless something assigned a new schedule during the fit.
+        if inner._learning_rate is rate:
+            inner._learning_rate = rate.base
+            self.model.make_train_function(force=True)
+
+    def _batch_ratio(self) -> float | None:
+        if self.base_batch_size is None:
+            return 1.0
+        if self._micro_batch_size is None:
+            return None  # known once the first micro-batch has been measured
+        return self._micro_batch_size / self.base_batch_size
 
     def _warmup_updates(self) -> int:
         if not self.warmup_epochs:
@@ -136,21 +206,6 @@ class AccumulationCallback(keras.callbacks.Callback):
         k = self.model.accumulation_steps
         return max(1, round(self.warmup_epochs * math.ceil(steps / k)))
 
-    def _update_multiplier(self) -> None:
-        schedule = getattr(self, "_schedule", None)
-        if schedule is None:
-            return
-        k = self.model.accumulation_steps
-        if self.base_batch_size is None:
-            factor = scaling_factor(self.lr_scaling, k, 1)
-        elif self._micro_batch_size is None:
-            return  # set once the first micro-batch has been measured
-        else:
-            factor = scaling_factor(
-                self.lr_scaling, self._micro_batch_size * k, self.base_batch_size
-            )
-        schedule.multiplier.assign(factor)
-
     # -- per epoch / batch ---------------------------------------------------
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -160,35 +215,37 @@ class AccumulationCallback(keras.callbacks.Callback):
                 if self.verbose:
                     print(f"\nEpoch {epoch + 1}: accumulation_steps -> {k}")
                 self.model.accumulation_steps = k
-                self._update_multiplier()
+                if self._rate is not None:
+                    # The rate reads k from the model's variable, but JAX's
+                    # compiled optimizer update sees it as a constant.
+                    self.model.make_train_function(force=True)
         self._epoch_start = (self._samples_seen(), self._updates())
 
     def on_train_batch_end(self, batch, logs=None):
         if self._micro_batch_size is None and self.base_batch_size is not None:
             seen = self._samples_seen() - self._epoch_start[0]
             self._micro_batch_size = max(1, round(seen / (batch + 1)))
-            self._update_multiplier()
-        if logs is not None:
+            if self._rate is not None:
+                self._rate.batch_ratio = self._batch_ratio()
+                self.model.make_train_function(force=True)
+        if logs is not None and self._updates() > self._fit_start_updates:
             state = self.model._accumulation_state
             logs["effective_batch_size"] = int(ops.convert_to_numpy(state.last_update_samples))
-            self._add_common_logs(logs)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         samples = self._samples_seen() - self._epoch_start[0]
         updates = self._updates() - self._epoch_start[1]
-        logs["effective_batch_size"] = samples / updates if updates else 0.0
-        self._add_common_logs(logs)
-
-    def _add_common_logs(self, logs) -> None:
-        optimizer = self.model.optimizer
-        logs["accumulation_steps"] = self.model.accumulation_steps
-        logs["learning_rate"] = float(ops.convert_to_numpy(optimizer.learning_rate))
-        logs["updates"] = self._updates()
-        logs["skipped_updates"] = int(
-            ops.convert_to_numpy(self.model._accumulation_state.skipped_updates)
-        )
+        if updates:
+            logs["effective_batch_size"] = samples / updates
+        logs["learning_rate"] = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        if self.accumulation_schedule is not None:
+            logs["accumulation_steps"] = self.model.accumulation_steps
+        if self._log_skips:
+            logs["skipped_updates"] = int(
+                ops.convert_to_numpy(self.model._accumulation_state.skipped_updates)
+            )
 
     def _scheduled_steps(self, epoch: int) -> int:
         schedule = self.accumulation_schedule
@@ -206,9 +263,44 @@ class AccumulationCallback(keras.callbacks.Callback):
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))
 
 
-def _check_non_negative(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}.")
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_batch_size(value) -> None:
+    if not _is_integer(value) or value < 1:
+        raise ValueError(
+            "`base_batch_size` must be an int >= 1: the batch size, in samples, "
+            "that the optimizer's learning rate was tuned for. "
+            f"Received: base_batch_size={value!r}."
+        )
+
+
+def _check_warmup_updates(value) -> int:
+    if not _is_integer(value) or value < 0:
+        raise ValueError(
+            "`warmup_updates` must be an int >= 0 (a number of optimizer "
+            f"updates). Received: warmup_updates={value!r}."
+        )
+    return int(value)
+
+
+def _check_warmup_epochs(value) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            "`warmup_epochs` must be a finite number >= 0 (epochs, fractions "
+            f"allowed). Received: warmup_epochs={value!r}."
+        )
+    return float(value)
 
 
 def _check_schedule(schedule):
@@ -222,10 +314,12 @@ def _check_schedule(schedule):
         )
     checked = {}
     for epoch, steps in schedule.items():
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        if not _is_integer(epoch) or epoch < 0:
             raise ValueError(
                 "`accumulation_schedule` keys must be epoch indices (ints >= 0). "
                 f"Received key {epoch!r}."
             )
-        checked[epoch] = check_accumulation_steps(steps, name=f"accumulation_schedule[{epoch}]")
+        checked[int(epoch)] = check_accumulation_steps(
+            steps, name=f"accumulation_schedule[{epoch}]"
+        )
     return checked

@@ -1,8 +1,10 @@
-"""`ScaledLearningRate`: a learning rate multiplied for the effective batch, with warmup."""
+"""Learning rates scaled for the effective batch: the rule, its warmup, and the
+rate an `AccumulationCallback` gives the optimizer while it trains."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -10,6 +12,14 @@ from keras import ops
 from keras.optimizers.schedules import LearningRateSchedule
 
 LR_SCALING_RULES = ("linear", "sqrt", None)
+
+# Keras' own words when a float is assigned to a rate that is a schedule.
+_NOT_SETTABLE = (
+    "This optimizer was created with a `LearningRateSchedule` object as its "
+    "`learning_rate` constructor argument, hence its learning rate is not "
+    "settable. If you need the learning rate to be settable, you should "
+    "instantiate the optimizer with a float `learning_rate` argument."
+)
 
 
 def check_lr_scaling(rule: Any) -> Any:
@@ -41,14 +51,27 @@ def scaling_factor(rule: Any, effective_batch_size: float, base_batch_size: floa
     return 1.0
 
 
+def warmed_up(multiplier, step, warmup_updates: int):
+    """``1 + (multiplier - 1) * min(1, step / warmup_updates)`` (tensors in, tensor out).
+
+    The gradual warmup of Goyal et al. (2017): the multiplier rises linearly
+    from 1 over the first ``warmup_updates`` updates and holds after.
+    """
+    if warmup_updates <= 0:
+        return multiplier
+    progress = ops.minimum(ops.cast(step, "float32") / float(warmup_updates), 1.0)
+    return 1.0 + (multiplier - 1.0) * progress
+
+
 @keras.saving.register_keras_serializable(package="accum_keras")
 class ScaledLearningRate(LearningRateSchedule):
     """``base(step) * (1 + (multiplier - 1) * min(1, step / warmup_updates))``.
 
-    The multiplier is reached linearly over the first ``warmup_updates``
-    optimizer updates (gradual warmup, Goyal et al. 2017) and held after.
-    It lives in a variable, so it can change between epochs without
-    retracing the training step.
+    A standalone schedule for a rate scaled by a fixed multiplier, with
+    warmup. `AccumulationCallback` does not need it (it scales the optimizer's
+    own rate during ``fit``); use it to write the scaling into an optimizer
+    yourself. Like any `LearningRateSchedule`, it makes the optimizer's
+    learning rate not settable.
 
     Args:
         base: a float learning rate or a `LearningRateSchedule`, evaluated at
@@ -85,10 +108,7 @@ class ScaledLearningRate(LearningRateSchedule):
         else:
             base = ops.cast(self.base, "float32")
         multiplier = ops.cast(self.multiplier, "float32")
-        if self.warmup_updates > 0:
-            progress = ops.minimum(step / float(self.warmup_updates), 1.0)
-            multiplier = 1.0 + (multiplier - 1.0) * progress
-        return base * multiplier
+        return base * warmed_up(multiplier, step, self.warmup_updates)
 
     def get_config(self) -> dict:
         base = self.base
@@ -99,3 +119,90 @@ class ScaledLearningRate(LearningRateSchedule):
             "multiplier": float(ops.convert_to_numpy(self.multiplier)),
             "warmup_updates": self.warmup_updates,
         }
+
+
+@keras.saving.register_keras_serializable(package="accum_keras")
+class FitLearningRate:
+    """The optimizer's learning rate while an `AccumulationCallback` scales it.
+
+    ``rate(step) = base(step) * warmed_up(factor(k), step, warmup_updates)``
+    where ``factor`` is the scaling rule applied to ``k * batch_ratio`` and
+    ``k`` is read from the model's ``accumulation_steps`` variable (on JAX
+    the compiled optimizer update holds it as a constant: the callback traces
+    the step again when it changes ``k``).
+
+    The callback puts it in the optimizer's place of the learning rate for one
+    ``fit`` and takes it out at the end. Keras treats it as a callable
+    learning rate: reading ``optimizer.learning_rate`` calls it (the rate the
+    next update applies), and assigning a float calls `assign`, which rescales
+    ``base`` so that the rate applied now becomes that float. Saving stores
+    only ``base``: a saved optimizer loads with its unscaled rate.
+
+    Args:
+        base: the optimizer's own rate: its learning-rate variable, a
+            `LearningRateSchedule` or a callable of no argument.
+        iterations: the optimizer's update counter.
+        accumulation_steps: function returning ``k`` (a variable or an int).
+        rule: ``"linear"``, ``"sqrt"`` or None.
+        batch_ratio: micro-batch size / ``base_batch_size``, or None while
+            unknown (the factor is then 1).
+        warmup_updates: updates over which the factor rises from 1.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        iterations: Any = None,
+        accumulation_steps: Callable[[], Any] | None = None,
+        rule: str | None = None,
+        batch_ratio: float | None = 1.0,
+        warmup_updates: int = 0,
+    ):
+        self.base = base
+        self._iterations = iterations
+        self._accumulation_steps = accumulation_steps
+        self.rule = rule
+        self.batch_ratio = batch_ratio
+        self.warmup_updates = int(warmup_updates)
+
+    def multiplier(self):
+        """The factor the base rate is multiplied by at the current update."""
+        if self.rule is None or self.batch_ratio is None:
+            return ops.ones((), "float32")
+        k = ops.cast(self._accumulation_steps(), "float32")
+        factor = k * float(self.batch_ratio)
+        if self.rule == "sqrt":
+            factor = ops.sqrt(factor)
+        return warmed_up(factor, self._iterations, self.warmup_updates)
+
+    def base_rate(self):
+        """The optimizer's own (unscaled) rate at the current update."""
+        if isinstance(self.base, keras.Variable):
+            return ops.cast(self.base, "float32")
+        if isinstance(self.base, LearningRateSchedule):
+            return ops.cast(self.base(self._iterations), "float32")
+        return ops.cast(self.base(), "float32")
+
+    def __call__(self):
+        return self.base_rate() * self.multiplier()
+
+    def assign(self, value: float) -> None:
+        """Sets the rate applied now to ``value`` by rescaling the base rate."""
+        if not isinstance(self.base, keras.Variable):
+            raise TypeError(_NOT_SETTABLE)
+        multiplier = float(ops.convert_to_numpy(self.multiplier()))
+        self.base.assign(float(ops.convert_to_numpy(value)) / multiplier)
+
+    def get_config(self) -> dict:
+        if isinstance(self.base, keras.Variable):
+            return {"base": float(ops.convert_to_numpy(self.base))}
+        return {"base": keras.saving.serialize_keras_object(self.base)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Any:
+        # The scaling belongs to the fit that installed it: what is restored
+        # is the optimizer's own rate.
+        base = config["base"]
+        if isinstance(base, dict):
+            return keras.saving.deserialize_keras_object(base)
+        return float(base)

@@ -5,7 +5,8 @@ Public API:
 - `Model`, `Sequential`: functional and sequential models that accumulate.
 - `AccumulationCallback`: learning rate for the effective batch, a schedule for
   the number of accumulation steps, and logs of the effective batch size.
-- `ScaledLearningRate`: the learning-rate schedule the callback installs.
+- `ScaledLearningRate`: a learning-rate schedule multiplied for the effective
+  batch, with warmup (standalone; the callback scales the rate itself).
 - `layers.AccumBatchNormalization`, `layers.convert_batch_normalization`:
   BatchNormalization whose moving statistics follow windows, not micro-batches.
 """

@@ -137,7 +137,9 @@ class AccumulationCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         self._fit_start_updates = self._updates()
-        self._log_skips = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        self._log_skips = model.skip_nonfinite_updates or isinstance(
+            model.optimizer, keras.optimizers.LossScaleOptimizer
+        )
         self._install_rate()
 
     def on_train_end(self, logs=None):

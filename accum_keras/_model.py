@@ -212,6 +212,10 @@ class AccumulatingModel:
         finally:
             self._accumulation_fitting = False
             self._accumulation_starting_fit = False
+            # Keras skips `on_train_end` when fit() raises; the callback's
+            # scaled rate must not outlive its fit either way.
+            for callback in _accumulation_callbacks(args, kwargs):
+                callback._remove_rate()
 
     def _start_training_windows(self) -> None:
         """Called once fit()'s callbacks have begun (after any restore)."""
@@ -431,6 +435,16 @@ def _order_callbacks(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     else:
         kwargs = {**kwargs, "callbacks": ordered}
     return args, kwargs
+
+
+def _accumulation_callbacks(args: tuple, kwargs: dict) -> list:
+    from accum_keras._callback import AccumulationCallback
+
+    positional = len(args) > _FIT_CALLBACKS_POSITION
+    callbacks = args[_FIT_CALLBACKS_POSITION] if positional else kwargs.get("callbacks")
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks = callbacks.callbacks
+    return [c for c in callbacks or () if isinstance(c, AccumulationCallback)]
 
 
 class _WindowStartCallback(keras.callbacks.Callback):

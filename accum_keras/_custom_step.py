@@ -71,7 +71,9 @@ def install(model, backend) -> None:
     """Routes the model's user-written ``train_step`` through the window.
 
     Called when the train function is made (at ``fit()`` start and by
-    ``train_on_batch``). Raises where the step cannot be accumulated.
+    ``train_on_batch``). Raises where the step cannot be accumulated; on
+    backends without ``run_when`` (JAX) only steps that end in the mixin's
+    step are accepted, which shows when the step is first traced.
     """
     step = user_train_step(model)
     if step is None:
@@ -88,17 +90,26 @@ def _step_name(step: Callable) -> str:
     return getattr(step, "__qualname__", "train_step")
 
 
+def _unsupported_backend(name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{name} is written in the model class, and on the "
+        f"{keras.backend.backend()!r} backend accum_keras cannot accumulate what a "
+        "custom train_step hands to its optimizers. Either compute the loss in "
+        "`compute_loss()` (or with `add_loss`) and delete `train_step` (or end it "
+        "with `return super().train_step(...)`), so that the built-in accumulating "
+        "step trains the model, or use the TensorFlow or PyTorch backend, or set "
+        "accumulation_steps=1."
+    )
+
+
 def _check_supported(model, backend, step) -> None:
     name = _step_name(step)
-    if not hasattr(backend, "run_when"):
-        raise NotImplementedError(
-            f"{name} is written in the model class, and on the "
-            f"{keras.backend.backend()!r} backend accum_keras cannot accumulate what a "
-            "custom train_step hands to its optimizers. Either compute the loss in "
-            "`compute_loss()` (or with `add_loss`) and delete `train_step`, so that the "
-            "built-in accumulating step trains the model, or use the TensorFlow or "
-            "PyTorch backend, or set accumulation_steps=1."
-        )
+    code = getattr(step, "__code__", None)
+    if not hasattr(backend, "run_when") and code is not None and "super" not in code.co_names:
+        # Refused now rather than when the step is traced: Keras' JAX fit()
+        # has released the model's variables by then, and an error leaves
+        # them released.
+        raise _unsupported_backend(name)
     strategy = getattr(model, "_distribute_strategy", None)
     if strategy is not None:
         raise NotImplementedError(
@@ -119,8 +130,9 @@ def _check_supported(model, backend, step) -> None:
 class _Interception:
     """What one micro-batch's user step hands to the model's optimizers."""
 
-    def __init__(self, model, samples, step_name: str):
+    def __init__(self, model, samples, step_name: str, supported: bool):
         self.model = model
+        self.supported = supported
         self.samples = samples
         self.step_name = step_name
         self.applied: list[tuple[Any, list[tuple[int, Any]]]] = []
@@ -146,22 +158,28 @@ class _Interception:
             self._patch()
 
     def _patch(self) -> None:
+        names = ("apply",) if self.supported else ("apply", "stateless_apply")
         for optimizer in model_optimizers(self.model):
-            object.__setattr__(optimizer, "apply", self._interceptor(optimizer))
-            self._patched.append(optimizer)
+            for name in names:
+                object.__setattr__(optimizer, name, self._interceptor(optimizer))
+            self._patched.append((optimizer, names))
 
     def _unpatch(self) -> None:
-        for optimizer in self._patched:
-            object.__delattr__(optimizer, "apply")
+        for optimizer, names in self._patched:
+            for name in names:
+                object.__delattr__(optimizer, name)
         self._patched = []
 
     def _interceptor(self, optimizer):
-        def apply(grads, trainable_variables=None):
-            self.accumulate(optimizer, grads, trainable_variables)
+        def apply(grads, *args, **kwargs):
+            if not self.supported:
+                # JAX: the step is traced, nothing has been applied yet.
+                raise _unsupported_backend(self.step_name)
+            self.accumulate(optimizer, grads, *args, **kwargs)
 
         return apply
 
-    def accumulate(self, optimizer, grads, trainable_variables) -> None:
+    def accumulate(self, optimizer, grads, trainable_variables=None) -> None:
         model = self.model
         grads = list(grads)
         if trainable_variables is None:
@@ -240,11 +258,16 @@ def _make_step(model, backend, user_step):
         data = args[-1]
         x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
         samples = backend.num_samples(x)
-        interception = _Interception(model, samples, name)
+        interception = _Interception(model, samples, name, hasattr(backend, "run_when"))
         object.__setattr__(model, "_accumulation_interception", interception)
         try:
             with interception.patched():
                 logs = user_step(model, *args)
+        except Exception as error:
+            if interception.supported or isinstance(error, NotImplementedError):
+                raise
+            # JAX: a step written for another backend's `(data)` signature.
+            raise _unsupported_backend(name) from error
         finally:
             object.__setattr__(model, "_accumulation_interception", None)
         if interception.delegated:
@@ -255,6 +278,8 @@ def _make_step(model, backend, user_step):
                     "itself; accum_keras can accumulate one or the other."
                 )
             return logs
+        if not interception.supported:
+            raise _unsupported_backend(name)
         if not interception.applied:
             raise ValueError(
                 f"{name} handed no gradients to an optimizer of the model "

@@ -3,6 +3,8 @@
 Public API:
 - `AccumulatingModel`: mixin for `keras.Model` subclasses.
 - `Model`, `Sequential`: functional and sequential models that accumulate.
+- `accumulate`: an accumulating twin (shared weights) of a functional or
+  Sequential model you already have.
 - `AccumulationCallback`: learning rate for the effective batch, a schedule for
   the number of accumulation steps, and logs of the effective batch size.
 - `ScaledLearningRate`: a learning-rate schedule multiplied for the effective
@@ -12,6 +14,7 @@ Public API:
 """
 
 from accum_keras import layers
+from accum_keras._accumulate import accumulate
 from accum_keras._callback import AccumulationCallback
 from accum_keras._model import AccumulatingModel, Model, Sequential
 from accum_keras._schedules import ScaledLearningRate
@@ -25,5 +28,6 @@ __all__ = [
     "ScaledLearningRate",
     "Sequential",
     "__version__",
+    "accumulate",
     "layers",
 ]

@@ -35,6 +35,8 @@ import warnings
 
 from keras import ops
 
+from accum_keras import _custom_step
+
 
 def pending_micro_steps(model) -> int:
     """Micro-batches accumulated in the open window (a host read)."""
@@ -52,6 +54,9 @@ def apply_pending(model) -> bool:
     """
     if pending_micro_steps(model) == 0:
         return False
+    if _custom_step.is_active(model):
+        _custom_step.apply_window(model)
+        return True
     if model._accumulation_apply_function is None:
         model._accumulation_apply_function = model._accumulation_backend().make_apply_function(
             model

@@ -14,11 +14,13 @@ The mixin owns the life of a window around Keras' own training loop:
 from __future__ import annotations
 
 import importlib
+import inspect
+import warnings
 
 import keras
 from keras import ops
 
-from accum_keras import _lifecycle, _loss_terms
+from accum_keras import _custom_step, _lifecycle, _loss_terms
 from accum_keras._config import (
     check_accumulation_steps,
     check_optimizer_does_not_accumulate,
@@ -171,13 +173,18 @@ class AccumulatingModel:
 
     @classmethod
     def from_config(cls, config: dict, custom_objects: dict | None = None):
+        # The base class deserializes (functional graphs, Sequential layers,
+        # KerasHub backbones and preprocessors, or `cls(**config)` for
+        # subclassed models); the number of steps is set on what it returns.
         config = dict(config)
         steps = config.pop("accumulation_steps", 1)
         skip = config.pop("skip_nonfinite_updates", False)
-        if "layers" not in config:
-            # A subclassed model: its constructor takes the argument.
-            return cls(accumulation_steps=steps, skip_nonfinite_updates=skip, **config)
-        model = super().from_config(config, custom_objects=custom_objects)
+        if custom_objects is None:
+            # Some bases (KerasHub tasks) take no `custom_objects`; Keras'
+            # deserialization passes them through a scope instead.
+            model = super().from_config(config)
+        else:
+            model = super().from_config(config, custom_objects=custom_objects)
         model.accumulation_steps = steps
         model.skip_nonfinite_updates = skip
         return model
@@ -195,7 +202,18 @@ class AccumulatingModel:
         self._accumulation_apply_function = None
 
     def compile_from_config(self, config):
-        # Keras' own version refuses models that override `compile()`.
+        # Keras' own version refuses models that override `compile()`, which
+        # the mixin does; a model class whose `compile()` takes other
+        # arguments (a GAN's two optimizers) is refused as Keras refuses it.
+        if not _compile_takes_optimizer(type(self)):
+            warnings.warn(
+                f"{type(self).__name__}.compile() takes other arguments than "
+                "keras.Model.compile(), so the model was loaded uncompiled (as Keras "
+                "loads such models): call compile() yourself. A pending window "
+                "was loaded and is applied by the next window's update.",
+                stacklevel=2,
+            )
+            return
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
         if self.built:
@@ -254,6 +272,7 @@ class AccumulatingModel:
         if self.train_function is not None and not force:
             return self.train_function
         self._prepare_accumulation()
+        _custom_step.install(self, _backend_module())
         return super().make_train_function(force=force)
 
     # -- the step ----------------------------------------------------------
@@ -261,12 +280,14 @@ class AccumulatingModel:
     def train_step(self, *args):
         # ``(data)``, or ``(state, data)`` for JAX's stateless step.
         backend = _backend_module()
-        if self._accumulation_steps == 1:
-            plain_train_step = getattr(backend, "plain_train_step", None)
-            if plain_train_step is not None:
-                return plain_train_step(self, *args)
-            return self._plain_train_step(*args)
-        return backend.train_step(self, *args)
+        # A user-written step that calls `super().train_step()` lands here.
+        with _custom_step.delegating(self):
+            if self._accumulation_steps == 1:
+                plain_train_step = getattr(backend, "plain_train_step", None)
+                if plain_train_step is not None:
+                    return plain_train_step(self, *args)
+                return self._plain_train_step(*args)
+            return backend.train_step(self, *args)
 
     def _plain_train_step(self, data):
         logs = super().train_step(data)
@@ -399,6 +420,18 @@ class AccumulatingModel:
     def _get_state_sharding_spec(self):
         shardings = super()._get_state_sharding_spec()
         return _backend_module().add_window_shardings(self, shardings)
+
+
+def _compile_takes_optimizer(cls) -> bool:
+    """Whether the first `compile()` after the mixin accepts Keras' arguments."""
+    for klass in cls.__mro__:
+        if klass is AccumulatingModel or "compile" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["compile"]).parameters.values()
+        return any(
+            p.name == "optimizer" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+        )
+    return True
 
 
 # `callbacks` is the sixth positional argument of `Model.fit`.

@@ -36,6 +36,7 @@ SUITE = [
     "tests/test_window_life.py",
     "tests/test_window_state_machine.py",
     "tests/test_window_edges.py",
+    "tests/test_custom_train_step.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

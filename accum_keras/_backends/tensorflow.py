@@ -294,3 +294,13 @@ def make_apply_function(model):
     if model.run_eagerly:
         return apply_pending
     return tf.function(apply_pending)
+
+
+def run_when(condition, function) -> None:
+    """Runs ``function`` (which returns nothing) when ``condition`` holds, inside the step."""
+
+    def run():
+        function()
+        return tf.constant(True)
+
+    tf.cond(condition, run, lambda: tf.constant(False))

@@ -221,3 +221,9 @@ def check_skip_nonfinite_supported(model) -> None:
 def make_apply_function(model):
     """A function that applies the open window now (used at epoch ends)."""
     return lambda: apply_window(model)
+
+
+def run_when(condition, function) -> None:
+    """Runs ``function`` when ``condition`` holds (the step is eager Python)."""
+    if bool(condition):
+        function()

@@ -1,0 +1,338 @@
+"""Accumulation for models that write their own ``train_step``.
+
+keras.io's VAE, GAN and contrastive examples define ``train_step`` in the
+model class and hand their gradients to ``optimizer.apply`` or
+``apply_gradients`` themselves. Such a step never reaches the accumulating
+step of `AccumulatingModel`, so instead the model's optimizers are intercepted
+while the user's step runs:
+
+- every gradient the step hands to an optimizer of the model is read as the
+  mean over the micro-batch's samples (like an overridden ``compute_loss``),
+  multiplied by the micro-batch's sample count and added to the accumulator of
+  its variable (the same accumulators, `AccumulationState.gradients`, that the
+  built-in step uses, so saving mid-window works unchanged);
+- nothing is applied during the step; after ``accumulation_steps`` steps each
+  optimizer receives, once, the sum divided by the window's samples: the
+  gradient of the mean over the whole window, i.e. the big batch's gradient
+  when the step computes a mean loss.
+
+Every optimizer's gradients are those of the weights at the window's start.
+For a step whose optimizers update networks that do not feed each other's
+losses this is exactly the big batch; a GAN, whose generator loss reads the
+discriminator that the same step has just updated, sees the discriminator of
+the window's start for the whole window (as with any accumulation).
+
+A step that calls ``super().train_step(data)`` and reaches the mixin simply
+uses the built-in accumulating step. Steps that cannot be accumulated fail
+when ``fit()`` starts or when it traces the step, before any update, with an
+error that names ``train_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+from keras import ops
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+# Modules whose ``train_step`` is Keras' own (or ours): not a user-written step.
+_KERAS_MODULES = ("keras.", "accum_keras.")
+
+
+def user_train_step(model) -> Callable | None:
+    """The ``train_step`` a user class of ``model`` defines, or None.
+
+    Looks through the whole MRO, on either side of the mixin: a user step
+    after the mixin would otherwise be shadowed silently by the mixin's.
+    """
+    for klass in type(model).__mro__:
+        if "train_step" not in vars(klass):
+            continue
+        if klass.__module__.startswith(_KERAS_MODULES) or klass.__module__ == "keras":
+            continue
+        return vars(klass)["train_step"]
+    return None
+
+
+def model_optimizers(model) -> list[Any]:
+    """The optimizers held as attributes of ``model`` (``optimizer`` first)."""
+    found = []
+    candidates = [getattr(model, "optimizer", None), *vars(model).values()]
+    for value in candidates:
+        if isinstance(value, keras.optimizers.Optimizer) and all(value is not o for o in found):
+            found.append(value)
+    return found
+
+
+def install(model, backend) -> None:
+    """Routes the model's user-written ``train_step`` through the window.
+
+    Called when the train function is made (at ``fit()`` start and by
+    ``train_on_batch``). Raises where the step cannot be accumulated; on
+    backends without ``run_when`` (JAX) only steps that end in the mixin's
+    step are accepted, which shows when the step is first traced.
+    """
+    step = user_train_step(model)
+    if step is None:
+        return
+    if model.accumulation_steps > 1:
+        _check_supported(model, backend, step)
+    # An instance attribute shadows every class's `train_step`, wherever the
+    # user's class sits in the MRO; Keras' train functions look it up on the
+    # instance. `object.__setattr__` keeps it out of Keras' tracking.
+    object.__setattr__(model, "train_step", _make_step(model, backend, step))
+
+
+def _step_name(step: Callable) -> str:
+    return getattr(step, "__qualname__", "train_step")
+
+
+def _unsupported_backend(name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{name} is written in the model class, and on the "
+        f"{keras.backend.backend()!r} backend accum_keras cannot accumulate what a "
+        "custom train_step hands to its optimizers. Either compute the loss in "
+        "`compute_loss()` (or with `add_loss`) and delete `train_step` (or end it "
+        "with `return super().train_step(...)`), so that the built-in accumulating "
+        "step trains the model, or use the TensorFlow or PyTorch backend, or set "
+        "accumulation_steps=1."
+    )
+
+
+def _check_supported(model, backend, step) -> None:
+    name = _step_name(step)
+    code = getattr(step, "__code__", None)
+    if not hasattr(backend, "run_when") and code is not None and "super" not in code.co_names:
+        # Refused now rather than when the step is traced: Keras' JAX fit()
+        # has released the model's variables by then, and an error leaves
+        # them released.
+        raise _unsupported_backend(name)
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is not None:
+        raise NotImplementedError(
+            f"{name} is written in the model class; accumulating a custom train_step "
+            "under a tf.distribute strategy is not supported. Move the loss into "
+            "`compute_loss()` and delete `train_step`, or train without a strategy."
+        )
+    for optimizer in model_optimizers(model):
+        check = getattr(optimizer, "gradient_accumulation_steps", None)
+        if check:
+            raise ValueError(
+                f"{name} uses an optimizer with gradient_accumulation_steps={check}; "
+                "accum_keras accumulates already: create the optimizer without "
+                "gradient_accumulation_steps."
+            )
+
+
+class _Interception:
+    """What one micro-batch's user step hands to the model's optimizers."""
+
+    def __init__(self, model, samples, step_name: str, supported: bool):
+        self.model = model
+        self.supported = supported
+        self.samples = samples
+        self.step_name = step_name
+        self.applied: list[tuple[Any, list[tuple[int, Any]]]] = []
+        self.delegated = False
+        self._patched: list[Any] = []
+
+    @contextlib.contextmanager
+    def patched(self) -> Iterator[None]:
+        self._patch()
+        try:
+            yield
+        finally:
+            self._unpatch()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The user step called the mixin's step: it accumulates by itself."""
+        self.delegated = True
+        self._unpatch()
+        try:
+            yield
+        finally:
+            self._patch()
+
+    def _patch(self) -> None:
+        names = ("apply",) if self.supported else ("apply", "stateless_apply")
+        for optimizer in model_optimizers(self.model):
+            for name in names:
+                object.__setattr__(optimizer, name, self._interceptor(optimizer))
+            self._patched.append((optimizer, names))
+
+    def _unpatch(self) -> None:
+        for optimizer, names in self._patched:
+            for name in names:
+                object.__delattr__(optimizer, name)
+        self._patched = []
+
+    def _interceptor(self, optimizer):
+        def apply(grads, *args, **kwargs):
+            if not self.supported:
+                # JAX: the step is traced, nothing has been applied yet.
+                raise _unsupported_backend(self.step_name)
+            self.accumulate(optimizer, grads, *args, **kwargs)
+
+        return apply
+
+    def accumulate(self, optimizer, grads, trainable_variables=None) -> None:
+        model = self.model
+        grads = list(grads)
+        if trainable_variables is None:
+            if not optimizer.built:
+                raise ValueError(
+                    f"{self.step_name} passed gradients without variables to an optimizer "
+                    "that is not built; pass the variables too."
+                )
+            trainable_variables = optimizer._trainable_variables
+        trainable_variables = list(trainable_variables)
+        if any(o is optimizer for o, _ in self.applied):
+            raise NotImplementedError(
+                f"{self.step_name} applies gradients with the same optimizer twice in one "
+                "step; accum_keras can accumulate one update per optimizer and step. "
+                "Set accumulation_steps=1 for this model."
+            )
+        _ensure_state(model)
+        if not optimizer.built:
+            # Slots cannot be created inside the conditional update.
+            optimizer.build(trainable_variables)
+        state = model._accumulation_state
+        index = {id(v): i for i, v in enumerate(state.accumulated_variables)}
+        taken = {i for _, pairs in self.applied for i, _ in pairs}
+        is_first = ops.equal(state.micro_step.value, 0)
+        weight = ops.cast(self.samples, "float32")
+        pairs = []
+        for gradient, variable in zip(grads, trainable_variables, strict=True):
+            if gradient is None:
+                continue
+            position = index.get(id(variable))
+            if position is None:
+                raise ValueError(
+                    f"{self.step_name} applies a gradient to "
+                    f"{getattr(variable, 'path', variable)!r}, which is not a trainable "
+                    "variable of the model; accum_keras accumulates gradients of the "
+                    "model's trainable variables only."
+                )
+            if position in taken:
+                raise NotImplementedError(
+                    f"{self.step_name} applies two gradients to "
+                    f"{getattr(variable, 'path', variable)!r} in one step (two optimizers?); "
+                    "accum_keras cannot accumulate that."
+                )
+            accumulator = state.gradients[position]
+            contribution = ops.cast(ops.convert_to_tensor(gradient), "float32") * weight
+            accumulator.assign(ops.where(is_first, contribution, accumulator.value + contribution))
+            pairs.append((position, variable))
+        self.applied.append((optimizer, pairs))
+
+
+def _ensure_state(model) -> None:
+    state = model._accumulation_state
+    if not (state.built and state.follows(model.trainable_variables)):
+        state.build_scalars(model.accumulation_steps)
+        state.follow(model.trainable_variables)
+    model._find_window_layers()
+
+
+@contextlib.contextmanager
+def delegating(model) -> Iterator[None]:
+    """Wraps the mixin's own step when a user step calls ``super().train_step``."""
+    interception = getattr(model, "_accumulation_interception", None)
+    if interception is None:
+        yield
+        return
+    with interception.suspended():
+        yield
+
+
+def _make_step(model, backend, user_step):
+    name = _step_name(user_step)
+
+    def train_step(*args):
+        if model.accumulation_steps == 1:
+            return user_step(model, *args)
+        data = args[-1]
+        x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+        samples = backend.num_samples(x)
+        interception = _Interception(model, samples, name, hasattr(backend, "run_when"))
+        object.__setattr__(model, "_accumulation_interception", interception)
+        try:
+            with interception.patched():
+                logs = user_step(model, *args)
+        except Exception as error:
+            if interception.supported or isinstance(error, NotImplementedError):
+                raise
+            # JAX: a step written for another backend's `(data)` signature.
+            raise _unsupported_backend(name) from error
+        finally:
+            object.__setattr__(model, "_accumulation_interception", None)
+        if interception.delegated:
+            object.__setattr__(model, "_accumulation_step_delegates", True)
+            if interception.applied:
+                raise NotImplementedError(
+                    f"{name} both calls super().train_step() and applies gradients "
+                    "itself; accum_keras can accumulate one or the other."
+                )
+            return logs
+        if not interception.supported:
+            raise _unsupported_backend(name)
+        if not interception.applied:
+            raise ValueError(
+                f"{name} handed no gradients to an optimizer of the model "
+                "(optimizer.apply / apply_gradients on an optimizer stored as an "
+                "attribute of the model), so accum_keras cannot accumulate it. Apply "
+                "gradients with the model's optimizers, or set accumulation_steps=1."
+            )
+        object.__setattr__(model, "_accumulation_custom_updates", interception.applied)
+        _close_micro_batch(model, backend, samples)
+        return logs
+
+    return train_step
+
+
+def _close_micro_batch(model, backend, samples) -> None:
+    state = model._accumulation_state
+    state.window_samples.assign_add(ops.cast(samples, "int32"))
+    state.add_samples_seen(samples)
+    state.micro_step.assign_add(1)
+    backend.run_when(
+        ops.greater_equal(state.micro_step.value, state.accumulation_steps.value),
+        lambda: apply_window(model),
+    )
+
+
+def is_active(model) -> bool:
+    """Whether the model's windows are filled by a user-written step."""
+    return (
+        user_train_step(model) is not None
+        and model.accumulation_steps > 1
+        and not getattr(model, "_accumulation_step_delegates", False)
+    )
+
+
+def apply_window(model) -> None:
+    """Hands each optimizer the mean gradient of the window and opens a new one."""
+    updates = getattr(model, "_accumulation_custom_updates", None)
+    if updates is None:
+        raise RuntimeError(
+            "The pending window of a model with a custom train_step can only be "
+            "applied after the step ran once in this process (it records which "
+            "optimizer updates which variables)."
+        )
+    state = model._accumulation_state
+    total = ops.cast(ops.maximum(state.window_samples.value, 1), "float32")
+    for optimizer, pairs in updates:
+        if not pairs:
+            continue
+        gradients = [ops.cast(state.gradients[i].value / total, v.dtype) for i, v in pairs]
+        type(optimizer).apply(optimizer, gradients, [v for _, v in pairs])
+    for layer in getattr(model, "_accumulation_window_layers", ()):
+        layer.apply_window_statistics()
+    state.last_update_samples.assign(state.window_samples.value)
+    state.window_samples.assign(0)
+    state.window_divisor.assign(0.0)
+    state.micro_step.assign(0)

@@ -1,0 +1,399 @@
+"""Models that write their own ``train_step`` (keras.io's VAE/GAN style).
+
+The gradients such a step hands to ``optimizer.apply`` / ``apply_gradients``
+are accumulated and applied once per window, for every optimizer the step
+uses. The reference is the same plain Keras class on the big batch.
+"""
+
+import keras
+import numpy as np
+import pytest
+from helpers import assert_same_training, max_relative_difference, regression_data
+from keras import ops
+
+import accum_keras
+
+K = 4
+MICRO = 4
+BACKEND = keras.backend.backend()
+
+needs_tf_or_torch = pytest.mark.skipif(
+    BACKEND not in ("tensorflow", "torch"),
+    reason=f"custom train_step accumulation is not supported on {BACKEND} (raises instead)",
+)
+
+
+def gradients_of(model, loss_fn, variables):
+    """``(loss, gradients)`` as keras.io's custom-step examples compute them."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        return loss, tape.gradient(loss, variables)
+    if BACKEND == "torch":
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss, [v.value.grad for v in variables]
+    raise NotImplementedError(BACKEND)
+
+
+def _no_grad():
+    if BACKEND == "torch":
+        import torch
+
+        return torch.no_grad()
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# -- one optimizer -----------------------------------------------------------
+
+
+def _build(model):
+    model.hidden = keras.layers.Dense(8, activation="tanh")
+    model.head = keras.layers.Dense(1)
+
+
+def _call(model, x):
+    return model.head(model.hidden(x))
+
+
+def _mean_squared_error_step(model, data):
+    x, y = data
+    variables = model.trainable_variables
+
+    def loss_fn():
+        return ops.mean(ops.square(model(x, training=True) - y))
+
+    loss, gradients = gradients_of(model, loss_fn, variables)
+    with _no_grad():
+        model.optimizer.apply(gradients, variables)
+    return {"loss": loss}
+
+
+class PlainRegressor(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        _build(self)
+
+    def call(self, x):
+        return _call(self, x)
+
+    def train_step(self, data):
+        return _mean_squared_error_step(self, data)
+
+
+class StepBeforeMixin(accum_keras.AccumulatingModel, keras.Model):
+    """The user's class defines ``train_step``: it comes before the mixin."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        _build(self)
+
+    def call(self, x):
+        return _call(self, x)
+
+    def train_step(self, data):
+        return _mean_squared_error_step(self, data)
+
+
+class StepAfterMixin(accum_keras.AccumulatingModel, PlainRegressor):
+    """The mixin on an existing class with a step: the mixin comes first."""
+
+
+def _twins(cls, optimizer, seed=0):
+    keras.utils.set_random_seed(seed)
+    accumulating = cls(accumulation_steps=K)
+    plain = PlainRegressor()
+    for model in (accumulating, plain):
+        model(np.zeros((1, 5), "float32"))
+        model.compile(optimizer=optimizer())
+    plain.set_weights(accumulating.get_weights())
+    return accumulating, plain
+
+
+@needs_tf_or_torch
+@pytest.mark.parametrize("cls", [StepBeforeMixin, StepAfterMixin])
+def test_custom_step_is_accumulated_exactly(cls):
+    # 72 samples: four full windows and a short one (2 micro-batches) per epoch.
+    x, y = regression_data(samples=72)
+    accumulating, plain = _twins(cls, lambda: keras.optimizers.SGD(0.05, momentum=0.9))
+    accumulating.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0)
+    plain.fit(x, y, batch_size=MICRO * K, epochs=2, shuffle=False, verbose=0)
+    assert int(accumulating.optimizer.iterations.numpy()) == 10
+    assert_same_training(accumulating, plain)
+
+
+@needs_tf_or_torch
+def test_custom_step_with_adam_and_a_schedule():
+    x, y = regression_data(samples=64)
+    schedule = lambda: keras.optimizers.schedules.ExponentialDecay(0.05, 1, 0.5)  # noqa: E731
+    accumulating, plain = _twins(StepBeforeMixin, lambda: keras.optimizers.Adam(schedule()))
+    accumulating.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0)
+    plain.fit(x, y, batch_size=MICRO * K, epochs=2, shuffle=False, verbose=0)
+    # Adam's first steps divide by tiny second moments: round-off grows a little.
+    assert_same_training(accumulating, plain, rtol=2e-5)
+
+
+# -- two optimizers ------------------------------------------------------------
+
+
+def _two_tower_step(model, data):
+    x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+    # `train_on_batch` hands PyTorch steps NumPy arrays.
+    x, y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
+    logs = {}
+    for name, tower, optimizer in (
+        ("a", model.tower_a, model.a_optimizer),
+        ("b", model.tower_b, model.b_optimizer),
+    ):
+        variables = tower.trainable_variables
+
+        def loss_fn(tower=tower):
+            return ops.mean(ops.abs(tower(x, training=True) - y))
+
+        logs[name], gradients = gradients_of(model, loss_fn, variables)
+        with _no_grad():
+            optimizer.apply_gradients(zip(gradients, variables))
+    return logs
+
+
+@keras.saving.register_keras_serializable(package="accum_keras_tests")
+class PlainTowers(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.tower_a = keras.Sequential(
+            [keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)]
+        )
+        self.tower_b = keras.Sequential([keras.layers.Dense(1)])
+
+    def compile(self, a_optimizer, b_optimizer):
+        super().compile()
+        self.a_optimizer = a_optimizer
+        self.b_optimizer = b_optimizer
+
+    def build(self, input_shape):
+        self.tower_a.build(input_shape)
+        self.tower_b.build(input_shape)
+
+    def call(self, x):
+        return self.tower_a(x) + self.tower_b(x)
+
+    def train_step(self, data):
+        return _two_tower_step(self, data)
+
+
+@keras.saving.register_keras_serializable(package="accum_keras_tests")
+class AccumTowers(accum_keras.AccumulatingModel, PlainTowers):
+    pass
+
+
+def _compile_towers(model, stateless=False):
+    if stateless:
+        # Keras does not reload optimizers that a custom compile() creates.
+        model.compile(a_optimizer=keras.optimizers.SGD(0.1), b_optimizer=keras.optimizers.SGD(0.05))
+    else:
+        model.compile(
+            a_optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+            b_optimizer=keras.optimizers.RMSprop(0.01),
+        )
+
+
+def _towers(cls, stateless=False, **kwargs):
+    keras.utils.set_random_seed(1)
+    model = cls(**kwargs)
+    model.build((None, 5))
+    _compile_towers(model, stateless)
+    return model
+
+
+@needs_tf_or_torch
+def test_every_optimizer_of_the_step_updates_once_per_window():
+    x, y = regression_data(samples=64)
+    accumulating = _towers(AccumTowers, accumulation_steps=K)
+    plain = _towers(PlainTowers)
+    plain.set_weights(accumulating.get_weights())
+    accumulating.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0)
+    plain.fit(x, y, batch_size=MICRO * K, epochs=2, shuffle=False, verbose=0)
+    for name in ("a_optimizer", "b_optimizer"):
+        assert int(getattr(accumulating, name).iterations.numpy()) == 8
+        assert int(getattr(plain, name).iterations.numpy()) == 8
+    assert max_relative_difference(accumulating.get_weights(), plain.get_weights()) < 2e-6
+
+
+@needs_tf_or_torch
+def test_custom_step_saved_mid_window_continues_like_uninterrupted(tmp_path):
+    x, y = regression_data(samples=48)
+    batches = [(x[i : i + MICRO], y[i : i + MICRO]) for i in range(0, 48, MICRO)]
+    uninterrupted = _towers(AccumTowers, stateless=True, accumulation_steps=K)
+    interrupted = _towers(AccumTowers, stateless=True, accumulation_steps=K)
+    interrupted.set_weights(uninterrupted.get_weights())
+    for batch in batches:
+        uninterrupted.train_on_batch(*batch)
+    for batch in batches[:6]:
+        interrupted.train_on_batch(*batch)
+    assert interrupted.pending_micro_steps == 2
+    path = str(tmp_path / "towers.keras")
+    interrupted.save(path)
+    with pytest.warns(UserWarning, match="call compile"):
+        resumed = keras.models.load_model(path)
+    assert resumed.pending_micro_steps == 2
+    _compile_towers(resumed, stateless=True)
+    for batch in batches[6:]:
+        resumed.train_on_batch(*batch)
+    # The freshly compiled optimizers made the two updates after loading.
+    assert int(resumed.a_optimizer.iterations.numpy()) == 2
+    np.testing.assert_allclose(
+        np.concatenate([w.ravel() for w in resumed.get_weights()]),
+        np.concatenate([w.ravel() for w in uninterrupted.get_weights()]),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+# -- a GAN: the generator's step reads the discriminator ---------------------
+
+
+class GAN(accum_keras.AccumulatingModel, keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.generator = keras.Sequential([keras.layers.Dense(5)])
+        self.discriminator = keras.Sequential([keras.layers.Dense(1)])
+
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile()
+        self.d_optimizer = d_optimizer
+        self.g_optimizer = g_optimizer
+
+    def call(self, x):
+        return self.discriminator(self.generator(x))
+
+    def train_step(self, data):
+        real, noise = data
+        bce = keras.losses.BinaryCrossentropy(from_logits=True)
+        d_vars = self.discriminator.trainable_variables
+        g_vars = self.generator.trainable_variables
+
+        def d_loss():
+            fake = self.generator(noise)
+            return bce(ops.ones_like(real[:, :1]), self.discriminator(real)) + bce(
+                ops.zeros_like(real[:, :1]), self.discriminator(fake)
+            )
+
+        d_value, d_grads = gradients_of(self, d_loss, d_vars)
+        with _no_grad():
+            self.d_optimizer.apply(d_grads, d_vars)
+
+        def g_loss():
+            return bce(ops.ones_like(real[:, :1]), self.discriminator(self.generator(noise)))
+
+        g_value, g_grads = gradients_of(self, g_loss, g_vars)
+        with _no_grad():
+            self.g_optimizer.apply(g_grads, g_vars)
+        return {"d_loss": d_value, "g_loss": g_value}
+
+
+@needs_tf_or_torch
+def test_gan_updates_both_networks_once_per_window():
+    real, noise = regression_data(samples=64, outputs=5)
+    gan = GAN(accumulation_steps=K)
+    gan(np.zeros((1, 5), "float32"))
+    gan.compile(d_optimizer=keras.optimizers.Adam(1e-3), g_optimizer=keras.optimizers.Adam(1e-3))
+    gan.fit(real, noise, batch_size=MICRO, epochs=2, verbose=0)
+    # 2 epochs of 4 windows each, not 32 updates per network.
+    assert int(gan.d_optimizer.iterations.numpy()) == 8
+    assert int(gan.g_optimizer.iterations.numpy()) == 8
+
+
+# -- a step that delegates to the mixin --------------------------------------
+
+
+class Rescaling(accum_keras.AccumulatingModel, keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, *args):
+        *state, (x, y) = args
+        return super().train_step(*state, (x * 2.0, y))
+
+
+def test_a_step_that_calls_super_uses_the_built_in_accumulation():
+    x, y = regression_data(samples=40)
+    keras.utils.set_random_seed(0)
+    accumulating = Rescaling(accumulation_steps=K)
+    accumulating(np.zeros((1, 5), "float32"))
+    inputs = keras.Input((5,))
+    plain = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    plain.set_weights(accumulating.get_weights())
+    for model in (accumulating, plain):
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    accumulating.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0)
+    plain.fit(x * 2.0, y, batch_size=MICRO * K, epochs=2, shuffle=False, verbose=0)
+    assert_same_training(accumulating, plain)
+
+
+# -- what cannot be accumulated fails before any update ----------------------
+
+
+class AssignsWeights(accum_keras.AccumulatingModel, keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, data):
+        x, _ = data
+        self.dense.kernel.assign(self.dense.kernel * 0.5)
+        return {"out": ops.mean(self(x))}
+
+
+class AppliesTwice(StepBeforeMixin):
+    def train_step(self, data):
+        _mean_squared_error_step(self, data)
+        return _mean_squared_error_step(self, data)
+
+
+@needs_tf_or_torch
+@pytest.mark.parametrize(
+    "cls, error, words",
+    [
+        (AssignsWeights, ValueError, "handed no gradients to an optimizer"),
+        (AppliesTwice, NotImplementedError, "same optimizer twice"),
+    ],
+)
+def test_steps_that_cannot_be_accumulated_raise_at_the_first_step(cls, error, words):
+    x, y = regression_data(samples=16)
+    model = cls(accumulation_steps=K)
+    model(np.zeros((1, 5), "float32"))
+    model.compile(optimizer="sgd")
+    before = model.get_weights()
+    with pytest.raises(error, match=words) as raised:
+        model.fit(x, y, batch_size=MICRO, verbose=0)
+    assert "train_step" in str(raised.value)
+    assert int(model.optimizer.iterations.numpy()) == 0
+    if BACKEND == "tensorflow":
+        # Raised while fit() traced the step: nothing of it ran.
+        for old, new in zip(before, model.get_weights()):
+            np.testing.assert_array_equal(old, new)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX refuses custom steps; the others accumulate")
+def test_jax_refuses_a_custom_step_before_any_update():
+    x, y = regression_data(samples=16)
+    model = StepBeforeMixin(accumulation_steps=K)
+    model(np.zeros((1, 5), "float32"))
+    model.compile(optimizer="sgd")
+    before = model.get_weights()
+    with pytest.raises(NotImplementedError, match="StepBeforeMixin.train_step"):
+        model.fit(x, y, batch_size=MICRO, verbose=0)
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)

@@ -33,6 +33,7 @@ SUITE = [
     "tests/test_any_backend.py",
     "tests/test_batch_norm.py",
     "tests/test_mixed_precision.py",
+    "tests/test_keras_internals.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import keras
 from keras import ops
 
+from accum_keras import _keras_internals
 from accum_keras._config import check_accumulation_steps
 from accum_keras._schedules import ScaledLearningRate, check_lr_scaling, scaling_factor
 
@@ -108,7 +109,7 @@ class AccumulationCallback(keras.callbacks.Callback):
             return
         optimizer = self.model.optimizer
         inner = getattr(optimizer, "inner_optimizer", optimizer)
-        schedule = inner._learning_rate
+        schedule = _keras_internals.learning_rate_of(inner)
         if not isinstance(schedule, ScaledLearningRate):
             base = schedule
             if isinstance(base, keras.Variable):

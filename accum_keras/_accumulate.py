@@ -14,8 +14,8 @@ says so.
 from __future__ import annotations
 
 import keras
-from keras.src.models.functional import Functional
 
+from accum_keras import _keras_internals
 from accum_keras._config import check_accumulation_steps
 from accum_keras._model import AccumulatingModel, Model
 
@@ -58,7 +58,7 @@ def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
         return model
     if not isinstance(model, keras.Model):
         raise TypeError(f"accumulate() takes a keras.Model; received model={model!r}.")
-    if type(model) not in (Functional, keras.Sequential):
+    if type(model) not in (_keras_internals.functional_class(), keras.Sequential):
         name = type(model).__name__
         raise TypeError(
             f"accumulate() takes functional and Sequential models; {name} is a "

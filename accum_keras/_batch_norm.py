@@ -15,7 +15,9 @@ from typing import Any
 
 import keras
 from keras import ops
-from keras.src.saving.keras_saveable import KerasSaveable
+
+from accum_keras import _keras_internals
+from accum_keras._keras_internals import KerasSaveable
 
 
 class WindowStatistics(KerasSaveable):
@@ -44,7 +46,7 @@ class WindowStatistics(KerasSaveable):
 
     def _obj_type(self):
         # See `AccumulationState._obj_type`.
-        return "Operation"
+        return _keras_internals.SAVEABLE_OBJ_TYPE
 
     def add(self, count: Any, mean: Any, variance: Any) -> None:
         """Pools one micro-batch's ``count`` values of ``mean`` and biased ``variance``."""
@@ -123,7 +125,7 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
         if not (training and self.trainable and self.defer_to_window):
             return super().call(inputs, training=training, mask=mask)
         inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
-        mean, variance = self._moments(inputs, mask)
+        mean, variance = _keras_internals.batch_norm_moments(self, inputs, mask)
         self._window.add(self._count(inputs, mask), mean, variance)
         gamma = ops.cast(self.gamma, inputs.dtype) if self.scale else None
         beta = ops.cast(self.beta, inputs.dtype) if self.center else None
@@ -144,7 +146,7 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
             return ops.sum(ops.cast(mask, "float32"))
         shape = ops.shape(inputs)
         count = 1.0
-        for axis in self._reduction_axes:
+        for axis in _keras_internals.batch_norm_reduction_axes(self):
             count = count * ops.cast(shape[axis], "float32")
         return count
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import keras
 from keras import ops
 
+from accum_keras import _keras_internals
 from accum_keras._config import check_accumulation_steps
 from accum_keras._schedules import FitLearningRate, check_lr_scaling
 
@@ -147,12 +148,12 @@ class AccumulationCallback(keras.callbacks.Callback):
 
     def _install_rate(self) -> None:
         inner = _inner_optimizer(self.model.optimizer)
-        own_rate = inner._learning_rate
+        own_rate = _keras_internals.learning_rate_of(inner)
         changed = isinstance(own_rate, FitLearningRate)
         if changed:
             # Left by a fit that raised before `on_train_end`.
             own_rate = own_rate.base
-            inner._learning_rate = own_rate
+            _keras_internals.replace_learning_rate(inner, own_rate)
         self._rate = None
         if self.lr_scaling is not None:
             changed = True
@@ -172,7 +173,7 @@ class AccumulationCallback(keras.callbacks.Callback):
             )
             # Set directly, not through Keras' setter: that one would untrack
             # the optimizer's rate variable, which stays the saved rate.
-            inner._learning_rate = self._rate
+            _keras_internals.replace_learning_rate(inner, self._rate)
         if changed:
             # The compiled step read the previous rate; trace it again.
             self.model.make_train_function(force=True)
@@ -183,8 +184,8 @@ class AccumulationCallback(keras.callbacks.Callback):
             return
         inner = _inner_optimizer(self.model.optimizer)
         # Unless something assigned a new schedule during the fit.
-        if inner._learning_rate is rate:
-            inner._learning_rate = rate.base
+        if _keras_internals.learning_rate_of(inner) is rate:
+            _keras_internals.replace_learning_rate(inner, rate.base)
             self.model.make_train_function(force=True)
 
     def _batch_ratio(self) -> float | None:

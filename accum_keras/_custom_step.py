@@ -36,7 +36,6 @@ from typing import Any
 
 import keras
 from keras import ops
-from keras.src.trainers.data_adapters import data_adapter_utils
 
 # Modules whose ``train_step`` is Keras' own (or ours): not a user-written step.
 _KERAS_MODULES = ("keras.", "accum_keras.")
@@ -256,7 +255,7 @@ def _make_step(model, backend, user_step):
         if model.accumulation_steps == 1:
             return user_step(model, *args)
         data = args[-1]
-        x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         samples = backend.num_samples(x)
         interception = _Interception(model, samples, name, hasattr(backend, "run_when"))
         object.__setattr__(model, "_accumulation_interception", interception)

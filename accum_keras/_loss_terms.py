@@ -16,9 +16,10 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from keras import ops
-from keras.src import backend, tree
-from keras.src.losses import loss as keras_loss
+import keras
+from keras import ops, tree
+
+from accum_keras import _keras_internals
 
 # Reductions whose divisor grows with the data: a window's divisor is the sum
 # of its micro-batches' divisors.
@@ -48,7 +49,7 @@ class LossTerm:
     counts_elements: bool = True
 
 
-class DivisorRecorder(keras_loss.Loss):
+class DivisorRecorder(keras.losses.Loss):
     """Wraps one compiled loss so that each call also records its divisor.
 
     The value returned is the wrapped loss's own value, computed with the
@@ -56,17 +57,17 @@ class DivisorRecorder(keras_loss.Loss):
     model see identical numbers.
     """
 
-    def __init__(self, inner: keras_loss.Loss, weight: Any = None):
+    def __init__(self, inner: keras.losses.Loss, weight: Any = None):
         super().__init__(name=inner.name, reduction=inner.reduction, dtype=inner.dtype)
         self.inner = inner
         self.weight = weight
         self.sink: list | None = None
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        counts_elements = backend.get_keras_mask(y_pred) is None and not (
+        counts_elements = _keras_internals.get_keras_mask(y_pred) is None and not (
             self.reduction == "mean_with_sample_weight" and sample_weight is not None
         )
-        if type(self.inner).__call__ is not keras_loss.Loss.__call__:
+        if type(self.inner).__call__ is not keras.losses.Loss.__call__:
             value, divisor = self.inner(y_true, y_pred, sample_weight), None
         else:
             value, divisor = self._value_and_divisor(y_true, y_pred, sample_weight)
@@ -84,8 +85,8 @@ class DivisorRecorder(keras_loss.Loss):
 
     def _value_and_divisor(self, y_true, y_pred, sample_weight):
         inner = self.inner
-        in_mask = backend.get_keras_mask(y_pred)
-        with backend.name_scope(inner.name):
+        in_mask = _keras_internals.get_keras_mask(y_pred)
+        with keras.name_scope(inner.name):
             y_pred = tree.map_structure(
                 lambda x: ops.convert_to_tensor(x, dtype=inner.dtype), y_pred
             )
@@ -93,9 +94,9 @@ class DivisorRecorder(keras_loss.Loss):
                 lambda x: ops.convert_to_tensor(x, dtype=inner.dtype), y_true
             )
             values = inner.call(y_true, y_pred)
-            out_mask = backend.get_keras_mask(values)
+            out_mask = _keras_internals.get_keras_mask(values)
             mask = _combine_masks(in_mask, out_mask)
-            value = keras_loss.reduce_weighted_values(
+            value = _keras_internals.reduce_weighted_values(
                 values,
                 sample_weight=sample_weight,
                 mask=mask,
@@ -142,9 +143,9 @@ def reduction_divisor(values, sample_weight, mask, reduction, dtype):
             sample_weight = ops.convert_to_tensor(sample_weight, dtype=dtype)
         if mask is not None:
             mask = ops.convert_to_tensor(mask, dtype=dtype)
-        merged = keras_loss.apply_mask(sample_weight, mask, values.dtype, reduction)
+        merged = _keras_internals.apply_mask(sample_weight, mask, values.dtype, reduction)
         merged = ops.cast(merged, values.dtype)
-        _, merged = keras_loss.squeeze_or_expand_to_same_rank(values, merged)
+        _, merged = _keras_internals.squeeze_or_expand_to_same_rank(values, merged)
         return ops.sum(merged)
     if mask is not None and reduction != "mean_with_sample_weight":
         # Keras rescales valid entries by total/valid, so the effective
@@ -168,7 +169,7 @@ def install_recorders(compile_loss) -> bool:
     """
     if compile_loss is None or not compile_loss.built:
         return False
-    flat = compile_loss._flat_losses
+    flat = _keras_internals.compiled_loss_entries(compile_loss)
     for index, entry in enumerate(flat):
         if not isinstance(entry.loss, DivisorRecorder):
             recorder = DivisorRecorder(entry.loss, entry.loss_weights)
@@ -184,7 +185,7 @@ def recorded_terms(compile_loss) -> Iterator[list]:
     if compile_loss is not None and compile_loss.built:
         recorders = [
             entry.loss
-            for entry in compile_loss._flat_losses
+            for entry in _keras_internals.compiled_loss_entries(compile_loss)
             if isinstance(entry.loss, DivisorRecorder)
         ]
     for recorder in recorders:

@@ -20,7 +20,7 @@ import warnings
 import keras
 from keras import ops
 
-from accum_keras import _custom_step, _lifecycle, _loss_terms
+from accum_keras import _custom_step, _keras_internals, _lifecycle, _loss_terms
 from accum_keras._config import (
     check_accumulation_steps,
     check_optimizer_does_not_accumulate,
@@ -264,7 +264,7 @@ class AccumulatingModel:
         # batch across replicas, which fails under MultiWorkerMirroredStrategy
         # (plain Keras models crash there too); one replica's batch has the
         # shapes it needs.
-        if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
+        if iterator is not None and _keras_internals.distribute_strategy_or_none(self) is not None:
             data_batch, iterator = _backend_module().first_local_batch(self, iterator), None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
@@ -343,7 +343,7 @@ class AccumulatingModel:
         self._build_accumulation_state(self.built and self._accumulation_steps > 1)
         self._accumulation_state.accumulation_steps.assign(self._accumulation_steps)
         _backend_module().check_skip_nonfinite_supported(self)
-        _loss_terms.install_recorders(self._compile_loss)
+        _loss_terms.install_recorders(_keras_internals.compile_loss(self))
         self._find_window_layers()
         self._accumulation_apply_function = None
         if self.optimizer is not None and self.optimizer.built:
@@ -353,7 +353,7 @@ class AccumulatingModel:
         """Tells window-aware layers whether their statistics follow windows."""
         layers = [
             layer
-            for layer in self._flatten_layers(include_self=False)
+            for layer in _keras_internals.sublayers(self)
             if hasattr(layer, "apply_window_statistics")
         ]
         # Bypasses Keras' attribute tracking: these layers are already tracked.
@@ -369,13 +369,13 @@ class AccumulatingModel:
         them before the step runs (the optimizer's slots cannot be created
         inside the conditional update), so they are built here, symbolically.
         """
-        compile_loss = self._compile_loss
+        compile_loss = _keras_internals.compile_loss(self)
         if (
             not self.built
             or (compile_loss is not None and not compile_loss.built)
             or not self.optimizer.built
         ):
-            self._symbolic_build(data_batch=data)
+            _keras_internals.symbolic_build(self, data)
         if not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
         state = self._accumulation_state

@@ -15,7 +15,9 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras.src.saving.keras_saveable import KerasSaveable
+
+from accum_keras import _keras_internals
+from accum_keras._keras_internals import KerasSaveable
 
 _SCALARS = (
     # name, dtype
@@ -78,9 +80,9 @@ class AccumulationState(KerasSaveable):
 
     def _obj_type(self):
         # Keras' saving walks children by type and only knows its own types;
-        # "Operation" gives a walk that finds nothing below this object, whose
-        # variables are saved by `save_own_variables`.
-        return "Operation"
+        # nothing below this object needs walking: its variables are saved by
+        # `save_own_variables`.
+        return _keras_internals.SAVEABLE_OBJ_TYPE
 
     @property
     def built(self) -> bool:

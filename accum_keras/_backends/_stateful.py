@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from keras.src.losses import loss as keras_loss
-
-from accum_keras import _loss_terms, _window
+from accum_keras import _keras_internals, _loss_terms, _window
 
 
 def forward(
@@ -43,13 +41,11 @@ def forward(
         ``(y_pred, weights)``: the predictions and the `_window.MicroBatchWeights`.
     """
     state = model._accumulation_state
-    y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
-    with _loss_terms.recorded_terms(model._compile_loss) as terms:
-        loss = model._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
-    model._loss_tracker.update_state(
-        keras_loss.unscale_loss_for_distribution(loss), sample_weight=samples
+    y_pred = model(x, training=True) if _keras_internals.call_has_training_arg(model) else model(x)
+    with _loss_terms.recorded_terms(_keras_internals.compile_loss(model)) as terms:
+        loss = _keras_internals.compute_loss(model, x, y, y_pred, sample_weight, training=True)
+    _keras_internals.loss_tracker(model).update_state(
+        _keras_internals.unscale_loss_for_distribution(loss), sample_weight=samples
     )
     weights = _window.micro_batch_weights(
         loss,

@@ -42,12 +42,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import keras
+from keras import tree
 from keras.optimizers.schedules import LearningRateSchedule
-from keras.src import backend as keras_backend
-from keras.src import tree
-from keras.src.trainers.data_adapters import data_adapter_utils
+from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _loss_terms, _state, _window
+from accum_keras import _keras_internals, _loss_terms, _state, _window
 
 _SCALAR_NAMES = tuple(name for name, _ in _state._SCALARS)
 
@@ -110,7 +109,7 @@ def _schedule_variables(model) -> list[Any]:
     optimizer = getattr(model, "optimizer", None)
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     found: list[Any] = []
-    pending = [getattr(inner, "_learning_rate", None)]
+    pending = [_keras_internals.learning_rate_of(inner) if inner is not None else None]
     while pending:
         schedule = pending.pop()
         if not isinstance(schedule, LearningRateSchedule):
@@ -149,7 +148,7 @@ def add_window_state(model, state: tuple, **flags) -> tuple:
         # Like Keras' own variables: the arrays now belong to the step (which
         # donates them); the variables get them back at the next sync.
         for variable in written:
-            variable._value = None
+            _keras_internals.set_variable_value(variable, None)
     return tuple(state)
 
 
@@ -158,8 +157,8 @@ def sync_window_state(model) -> None:
 
     Call before Keras' ``jax_state_sync`` (which marks the state synced).
     """
-    jax_state = getattr(model, "_jax_state", None)
-    if not jax_state or model._jax_state_synced:
+    jax_state = _keras_internals.jax_state(model)
+    if not jax_state or _keras_internals.jax_state_synced(model):
         return
     values = jax_state.get("optimizer_variables")
     written = getattr(model._accumulation_state, "jax_written_variables", None)
@@ -232,14 +231,14 @@ def _reading(variables: Sequence[Any], values: Sequence[Any]) -> Iterator[None]:
     baked into the compiled step as a constant; the optimizer reads its
     learning-rate schedule's variables that way.
     """
-    saved = [v._value for v in variables]
+    saved = [_keras_internals.variable_value(v) for v in variables]
     for variable, value in zip(variables, values):
-        variable._value = value
+        _keras_internals.set_variable_value(variable, value)
     try:
         yield
     finally:
         for variable, value in zip(variables, saved):
-            variable._value = value
+            _keras_internals.set_variable_value(variable, value)
 
 
 # -- the steps ------------------------------------------------------------------
@@ -256,7 +255,7 @@ def plain_train_step(model, state, data):
         logs, keras_state = super(AccumulatingModel, model).train_step(keras_state, data)
     trainable, non_trainable, optimizer_values, metrics = keras_state
     if window is not None:
-        x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+        x, _, _ = unpack_x_y_sample_weight(data)
         samples = num_samples(x)
         window["last_update_samples"] = jnp.full_like(window["last_update_samples"], samples)
         window["samples_seen"], window["samples_seen_blocks"] = _state.count_samples(
@@ -280,7 +279,7 @@ def train_step(model, state, data):
     trainable, non_trainable, optimizer_and_window, metrics = state
     optimizer_values, window, _, read_only_values = _split(model, optimizer_and_window)
     window["accumulation_steps"] = read_only_values[0]
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
     samples = num_samples(x)
     is_first = window["micro_step"] == 0
 
@@ -290,9 +289,8 @@ def train_step(model, state, data):
         )
         if losses:
             # Forward-pass losses (`add_loss`, regularizers) for compute_loss.
-            model._losses_override.clear()
-            model._losses_override = losses
-        with _loss_terms.recorded_terms(model._compile_loss) as terms:
+            _keras_internals.set_losses_override(model, losses)
+        with _loss_terms.recorded_terms(_keras_internals.compile_loss(model)) as terms:
             loss, (_, non_trainable, metrics) = model.stateless_compute_loss(
                 trainable,
                 non_trainable,
@@ -304,7 +302,7 @@ def train_step(model, state, data):
                 training=True,
             )
         if losses:
-            model._losses_override.clear()
+            _keras_internals.clear_losses_override(model)
         weights = _window.micro_batch_weights(
             loss,
             terms,
@@ -315,7 +313,7 @@ def train_step(model, state, data):
             accumulation_steps=window["accumulation_steps"],
         )
         mapping = list(zip(optimizer.variables, optimizer_values))
-        with keras_backend.StatelessScope(state_mapping=mapping):
+        with keras.StatelessScope(state_mapping=mapping):
             objective = optimizer.scale_loss(weights.objective)
         aux = (
             loss,
@@ -361,7 +359,9 @@ def train_step(model, state, data):
             window,
         )
 
-    logs, metrics = model._update_metrics_variables(metrics, loss, x, y, y_pred, sample_weight)
+    logs, metrics = _keras_internals.update_metrics_variables(
+        model, metrics, loss, x, y, y_pred, sample_weight
+    )
     optimizer_and_window = optimizer_values + _join(window) + read_only_values
     return logs, (trainable, non_trainable, optimizer_and_window, metrics)
 
@@ -372,7 +372,7 @@ def _forward(model, trainable, non_trainable, layer_statistics, x):
     Returns:
         ``(y_pred, non_trainable, losses, layer_statistics)``.
     """
-    kwargs = {"training": True} if model._call_has_training_arg else {}
+    kwargs = {"training": True} if _keras_internals.call_has_training_arg(model) else {}
     statistics_variables = _layer_statistics_variables(model)
     if not statistics_variables:
         y_pred, non_trainable, losses = model.stateless_call(
@@ -386,7 +386,7 @@ def _forward(model, trainable, non_trainable, layer_statistics, x):
         + list(zip(model.non_trainable_variables, non_trainable))
         + list(zip(statistics_variables, layer_statistics))
     )
-    with keras_backend.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+    with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
         y_pred = model.call(x, **kwargs)
         losses = model.losses
     non_trainable = [scope.get_current_value(v) for v in model.non_trainable_variables]
@@ -403,7 +403,7 @@ def _apply_layer_statistics(model, non_trainable, layer_statistics):
     mapping = list(zip(model.non_trainable_variables, non_trainable)) + list(
         zip(statistics_variables, layer_statistics)
     )
-    with keras_backend.StatelessScope(state_mapping=mapping) as scope:
+    with keras.StatelessScope(state_mapping=mapping) as scope:
         for layer in layers:
             layer.apply_window_statistics()
     non_trainable = [scope.get_current_value(v) for v in model.non_trainable_variables]

@@ -26,11 +26,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
-from keras.src import tree
-from keras.src.backend.tensorflow.trainer import _collective_all_reduce_multi_worker
-from keras.src.trainers.data_adapters import data_adapter_utils
+from keras import tree
+from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _window
+from accum_keras import _keras_internals, _window
 from accum_keras._backends import _stateful
 
 
@@ -77,7 +76,7 @@ def train_step(model, data):
     state = model._accumulation_state
     optimizer = model.optimizer
     replicas = _num_replicas(model)
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
     samples = num_samples(x)
     is_first = tf.equal(state.micro_step.value, 0)
 
@@ -111,7 +110,7 @@ def train_step(model, data):
     state.micro_step.assign_add(1)
     _apply_window_when_full(model)
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-    if _collective_all_reduce_multi_worker(model.distribute_strategy):
+    if _keras_internals.in_multi_worker_mode(model.distribute_strategy):
         # Keras 3.15 averages step logs across workers along axis 0, which
         # fails for scalars (plain Keras models crash there too).
         logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
@@ -165,7 +164,7 @@ def _window_is_full(state):
 
 def _apply_window_when_full(model) -> None:
     state = model._accumulation_state
-    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+    if _keras_internals.strategy_supports_no_merge_call():
         tf.cond(
             _window_is_full(state),
             lambda: _apply_and_report(model),

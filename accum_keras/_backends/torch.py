@@ -32,8 +32,8 @@ import contextlib
 from typing import Any
 
 import torch
-from keras.src import tree
-from keras.src.trainers.data_adapters import data_adapter_utils
+from keras import tree
+from keras.utils import unpack_x_y_sample_weight
 
 from accum_keras import _state, _window
 from accum_keras._backends import _stateful
@@ -64,7 +64,7 @@ def train_step(model, data):
     model._prepare_accumulation_while_tracing(data)
     state = model._accumulation_state
     optimizer = model.optimizer
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
     samples = num_samples(x)
     micro_step = _host_micro_step(model)
     is_first = state.micro_step.value == 0  # a device tensor, no sync

@@ -43,7 +43,7 @@ def test_unknown_scaling_rule_is_rejected():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"warmup_updates": -1}, "`warmup_updates` must be a number >= 0"),
+        ({"warmup_updates": -1}, "`warmup_updates` must be an int >= 0"),
         ({"warmup_updates": 5, "warmup_epochs": 1}, "at most one of"),
         ({"base_batch_size": 0}, "`base_batch_size` must be an int >= 1"),
         ({"accumulation_schedule": {0: 0}}, r"`accumulation_schedule\[0\]` must be an int >= 1"),

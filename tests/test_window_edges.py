@@ -395,14 +395,18 @@ def test_accumulators_after_k_minus_1_and_k_micro_batches(weighted):
 # -- found by breaking the core on purpose -------------------------------------
 
 
-class MeanAbsoluteErrorOwnCall(keras.losses.Loss):
-    """A loss that overrides `__call__`: its divisor is unknown to the window."""
+class HalfSquaredErrorOwnCall(keras.losses.Loss):
+    """A loss that overrides `__call__`: its divisor is unknown to the window.
+
+    Its value is not the reduction of `call` (the residual), so a wrapper
+    that recomputed it from `call` would train on another loss.
+    """
 
     def call(self, y_true, y_pred):
-        return keras.ops.abs(y_pred - y_true)
+        return y_pred - y_true
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        return keras.ops.mean(self.call(y_true, y_pred))
+        return 0.5 * keras.ops.mean(keras.ops.square(self.call(y_true, y_pred)))
 
 
 def mean_absolute_error_reduced_by_itself(y_true, y_pred):
@@ -411,7 +415,7 @@ def mean_absolute_error_reduced_by_itself(y_true, y_pred):
 
 @pytest.mark.parametrize(
     "loss",
-    [MeanAbsoluteErrorOwnCall, lambda: mean_absolute_error_reduced_by_itself],
+    [HalfSquaredErrorOwnCall, lambda: mean_absolute_error_reduced_by_itself],
     ids=["overridden_call", "scalar_function"],
 )
 def test_loss_that_reduces_itself_is_read_as_a_mean_over_samples(loss):

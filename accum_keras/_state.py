@@ -44,9 +44,11 @@ class AccumulationState(KerasSaveable):
     Attributes:
         gradients: one float32 accumulator per trainable variable, in the order
             of ``model.trainable_variables``. Holds the sum of the gradients of
-            the window's accumulation objectives (see `accum_keras._window`);
-            the first micro-batch of a window overwrites it, so between windows
-            it still holds the last window's sum.
+            the window's accumulation objectives (see `accum_keras._window`).
+            Between windows it holds the last window's sum on TensorFlow
+            (whose first micro-batch of a window overwrites it) and zeros on
+            JAX and PyTorch (which add every micro-batch and clear it when a
+            window is applied).
         accumulated_variables: the trainable variables `gradients` belong to.
         micro_step: micro-batches accumulated in the open window.
         window_divisor: ``T``, the sum of the open window's loss divisors.

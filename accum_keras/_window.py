@@ -12,8 +12,11 @@ and ``R`` the regularization and `add_loss` terms. Keras hands us
 
     grad L = sum_n D_n * grad L_n / T_m
 
-(``R``'s gradient is the same on every micro-batch of a window, so weighting it
-by ``D_n / T_m`` counts it exactly once). Each micro-step therefore
+(when ``R`` depends only on the weights, as kernel regularizers do, its
+gradient is the same on every micro-batch of a window, so weighting it by
+``D_n / T_m`` counts it exactly once; a data-dependent ``add_loss`` is
+weighted by the micro-batches' divisors, which is the big batch's mean when
+the divisors count samples). Each micro-step therefore
 differentiates the *accumulation objective* ``(D_n / D_ref) * L_n`` and adds the
 gradient to the accumulators; the window is applied with the gradient scaled by
 ``D_ref / T_m``. ``D_ref`` is ``k`` times the window's first divisor: for a full

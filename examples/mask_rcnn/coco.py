@@ -222,9 +222,9 @@ def load(json_path, image_dir, categories=None, check_images=True):
         if not isinstance(ann, dict):
             fail(f"annotations[{i}]", "is not an object")
         entry = f"annotations[{i}] (id {ann.get('id')})"
-        if ann.get("image_id") not in index_of:
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in index_of:
             fail(entry, f"image_id {ann.get('image_id')!r} is not in 'images'")
-        if ann.get("category_id") not in own_names:
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in own_names:
             fail(entry, f"category_id {ann.get('category_id')!r} is not in 'categories'")
         n = index_of[ann["image_id"]]
         try:

@@ -262,7 +262,7 @@ def load(json_path, image_dir, categories=None, check_images=True):
         num_crowd=num_crowd,
     )
     if check_images:
-        check_image_files(data, coco["images"])
+        check_image_files(data)
     return data
 
 
@@ -316,7 +316,7 @@ def _to_rle(segmentation, height, width):
     )
 
 
-def check_image_files(data, image_entries=None):
+def check_image_files(data):
     """Check that every image exists, is readable, decodable and of the JSON's size."""
     from PIL import Image, UnidentifiedImageError
 

@@ -1,6 +1,6 @@
 """Peak memory of Mask R-CNN (ResNet-50 FPN) training: batch 2, 2 x 8 accumulated, batch 16.
 
-    python examples/mask_rcnn/memory.py                      # 128, 256, 384 px, ~25 min on 2 CPU cores
+    python examples/mask_rcnn/memory.py                      # 128, 256 and 384 px; minutes per run on a CPU
     python examples/mask_rcnn/memory.py --sizes 256 512 --arms 2 2x8 16 2x32 64
 
 Every (image size, arm) runs in its own Python process that builds the

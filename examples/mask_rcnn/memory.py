@@ -158,6 +158,9 @@ def report(records, budget_gb, key):
         if line is None:
             continue
         side = crossing(line, budget_mb)
+        if side is None:
+            rows.append(f"* {LABELS[arm]}: no measurable growth with the image size (within noise)")
+            continue
         measured = max(r[key] for r in records if r["arm"] == arm)
         where = "measured" if measured >= budget_mb else "extrapolated"
         rows.append(

@@ -55,6 +55,9 @@ def _peak_rss_mb():
 
 def run_arm(name, mode, out_path):
     """Train one arm; write its record as JSON."""
+    from examples.mask_rcnn import quiet
+
+    quiet.import_tensorflow()
     import keras
     import tensorflow as tf
 
@@ -92,7 +95,11 @@ def run_arm(name, mode, out_path):
         ds = shapes.make_dataset({k: v[idx] for k, v in data.items()}, arm["micro_batch"])
         start = time.perf_counter()
         history = model.fit(
-            ds, epochs=1, verbose=0, callbacks=[accum_keras.AccumulationCallback(lr_scaling=None)]
+            ds,
+            epochs=1,
+            verbose=0,
+            shuffle=False,  # the order is fixed above
+            callbacks=[accum_keras.AccumulationCallback(lr_scaling=None)],
         ).history
         seconds = time.perf_counter() - start
         record["chunks"].append(

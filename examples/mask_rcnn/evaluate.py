@@ -14,18 +14,20 @@ from examples.mask_rcnn.config import CLASS_NAMES
 METRIC_NAMES = ("AP", "AP50", "AP75")
 
 
-def _encode(mask):
+def encode_mask(mask):
+    """COCO compressed RLE (JSON-ready) of a binary ``[H, W]`` mask."""
     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
 
 
-def _xywh(box):
+def xywh(box):
+    """``[y1, x1, y2, x2]`` -> COCO ``[x, y, width, height]``."""
     y1, x1, y2, x2 = (float(v) for v in box)
     return [x1, y1, x2 - x1, y2 - y1]
 
 
-def coco_ground_truth(data):
+def coco_ground_truth(data, class_names=CLASS_NAMES):
     """A pycocotools ``COCO`` object for a data set from ``shapes.py``."""
     size = data["images"].shape[1]
     annotations = []
@@ -37,8 +39,8 @@ def coco_ground_truth(data):
                     "id": len(annotations) + 1,
                     "image_id": int(image_id),
                     "category_id": int(data["gt_classes"][i, k]),
-                    "bbox": _xywh(data["gt_boxes"][i, k]),
-                    "segmentation": _encode(mask),
+                    "bbox": xywh(data["gt_boxes"][i, k]),
+                    "segmentation": encode_mask(mask),
                     "area": float(mask.sum()),
                     "iscrowd": 0,
                 }
@@ -47,7 +49,7 @@ def coco_ground_truth(data):
     coco.dataset = {
         "images": [{"id": int(i), "height": size, "width": size} for i in data["image_id"]],
         "annotations": annotations,
-        "categories": [{"id": c, "name": n} for c, n in enumerate(CLASS_NAMES) if c > 0],
+        "categories": [{"id": c, "name": n} for c, n in enumerate(class_names) if c > 0],
     }
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
@@ -58,14 +60,16 @@ def paste_mask(mask, box, image_size, threshold=0.5):
     """Resize a ``[S, S]`` mask (probabilities over ``box``) into the image.
 
     Bilinear interpolation at every pixel centre inside the box; zero outside.
+    ``image_size`` is the side of a square image or ``(height, width)``.
     """
     s = mask.shape[0]
+    height, width = (image_size, image_size) if np.ndim(image_size) == 0 else image_size
     y1, x1, y2, x2 = (float(v) for v in box)
-    out = np.zeros((image_size, image_size), np.uint8)
+    out = np.zeros((height, width), np.uint8)
     if y2 - y1 < 1e-3 or x2 - x1 < 1e-3:
         return out
-    rows = np.arange(max(int(np.floor(y1)), 0), min(int(np.ceil(y2)), image_size))
-    cols = np.arange(max(int(np.floor(x1)), 0), min(int(np.ceil(x2)), image_size))
+    rows = np.arange(max(int(np.floor(y1)), 0), min(int(np.ceil(y2)), height))
+    cols = np.arange(max(int(np.floor(x1)), 0), min(int(np.ceil(x2)), width))
     if len(rows) == 0 or len(cols) == 0:
         return out
 
@@ -96,9 +100,9 @@ def detections_to_coco(detections, image_ids, image_size):
                 {
                     "image_id": int(image_id),
                     "category_id": int(detections["classes"][i, k]),
-                    "bbox": _xywh(box),
+                    "bbox": xywh(box),
                     "score": float(detections["scores"][i, k]),
-                    "segmentation": _encode(mask),
+                    "segmentation": encode_mask(mask),
                 }
             )
     return results
@@ -120,6 +124,44 @@ def coco_metrics(coco_gt, results):
                 # pycocotools reports -1 when a metric is undefined.
                 metrics[f"{kind}_{name}"] = max(float(value), 0.0)
     return metrics
+
+
+def evaluate_coco(model, data, image_size, batch_size=8, num_visualize=0):
+    """Box and mask AP of ``model`` on a COCO data set, against its original JSON.
+
+    Args:
+        model: a ``MaskRCNN``.
+        data: a ``coco.CocoData`` (the validation set).
+        image_size: the model's input size.
+        batch_size: images per prediction batch.
+        num_visualize: also return the model-space detections of the first
+            this many images (for ``visualize.py``).
+
+    Returns:
+        ``(metrics, results, first_detections)``: the metrics dict, the COCO
+        results (original image ids, category ids and coordinates) and the
+        detections of the first ``num_visualize`` images.
+    """
+    from examples.mask_rcnn import coco
+
+    dataset = coco.make_dataset(data, image_size, 1, batch_size, training=False)
+    results, first = [], []
+    start = 0
+    for batch in dataset:
+        detections = {k: np.asarray(v) for k, v in model.predict_on_batch(batch).items()}
+        count = len(detections["valid"])
+        results += coco.detections_to_results(
+            detections, data, range(start, start + count), image_size
+        )
+        if start < num_visualize:
+            first.append(detections)
+        start += count
+    first = (
+        {k: np.concatenate([d[k] for d in first])[:num_visualize] for k in first[0]}
+        if first
+        else None
+    )
+    return coco_metrics(coco.ground_truth(data), results), results, first
 
 
 def predict(model, data, batch_size=8):

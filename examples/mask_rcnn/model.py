@@ -14,7 +14,7 @@ import tensorflow as tf
 import accum_keras
 from examples.mask_rcnn import boxes as box_ops
 from examples.mask_rcnn import losses
-from examples.mask_rcnn.backbone import FPN, Backbone
+from examples.mask_rcnn.backbone import FPN, Backbone, ResNet50Backbone
 from examples.mask_rcnn.config import Config
 from examples.mask_rcnn.heads import BoxHead, MaskHead
 from examples.mask_rcnn.roi import BOX_HEAD_WEIGHTS, mask_targets, roi_align, sample_rois
@@ -25,7 +25,7 @@ LOSS_NAMES = ("rpn_class_loss", "rpn_box_loss", "class_loss", "box_loss", "mask_
 
 
 class MaskRCNN(accum_keras.AccumulatingModel, keras.Model):
-    """Mask R-CNN with a small GroupNorm backbone and FPN.
+    """Mask R-CNN with FPN on a small GroupNorm backbone or a ResNet-50.
 
     ``inputs`` is a dict (see ``shapes.py``): ``images`` (uint8
     ``[B, H, W, 3]``) and ``image_id`` always; for training also the padded
@@ -41,8 +41,11 @@ class MaskRCNN(accum_keras.AccumulatingModel, keras.Model):
     def __init__(self, config=None, **kwargs):
         super().__init__(**kwargs)
         self.config = c = config or Config()
-        self.backbone = Backbone(c.backbone_widths, c.groups, name="backbone")
-        self.fpn = FPN(c.fpn_channels, name="fpn")
+        if c.backbone == "resnet50":
+            self.backbone = ResNet50Backbone(c.image_size, c.backbone_weights, name="backbone")
+        else:
+            self.backbone = Backbone(c.backbone_widths, c.groups, name="backbone")
+        self.fpn = FPN(c.fpn_channels, len(c.anchor_strides), name="fpn")
         self.rpn_head = RPNHead(c.fpn_channels, c.num_anchors_per_location, name="rpn")
         self.box_head = BoxHead(c.head_dim, c.num_classes, name="box_head")
         self.mask_head = MaskHead(c.mask_channels, c.mask_convs, c.num_classes, name="mask_head")
@@ -63,8 +66,7 @@ class MaskRCNN(accum_keras.AccumulatingModel, keras.Model):
 
     # ------------------------------------------------------------------ call
     def call(self, inputs, training=False):
-        images = tf.cast(inputs["images"], tf.float32) / 127.5 - 1.0
-        features = self.fpn(self.backbone(images))
+        features = self.fpn(self.backbone(inputs["images"]))
         rpn_logits, rpn_deltas = self.rpn_head(features)
         if training:
             return self._training_outputs(inputs, features, rpn_logits, rpn_deltas)

@@ -178,7 +178,13 @@ class AccumulatingModel:
         if self.train_function is not None and not force:
             return self.train_function
         self._prepare_accumulation()
-        return super().make_train_function(force=force)
+        make = getattr(_backend_module(), "make_train_function", None)
+        if make is None or self._accumulation_steps == 1:
+            return super().make_train_function(force=force)
+        # The backend chooses, per call, between a program that only
+        # accumulates and one that may apply the window.
+        self.train_function = make(self)
+        return self.train_function
 
     # -- the step ----------------------------------------------------------
 
@@ -269,18 +275,24 @@ class AccumulatingModel:
             Whether a window was applied.
         """
         state = self._accumulation_state
-        if not state.built or int(ops.convert_to_numpy(state.micro_step)) == 0:
+        if not state.built:
             return False
-        if self._accumulation_apply_function is None:
-            self._accumulation_apply_function = _backend_module().make_apply_function(self)
-        self._accumulation_apply_function()
-        return True
+        pending = int(ops.convert_to_numpy(state.micro_step)) > 0
+        if pending:
+            if self._accumulation_apply_function is None:
+                self._accumulation_apply_function = _backend_module().make_apply_function(self)
+            self._accumulation_apply_function()
+        # The window is empty now, whatever the host mirror assumed (a last
+        # call of an epoch may run fewer than `steps_per_execution` steps).
+        self._accumulation_host_micro_step = 0
+        return pending
 
     def _forget_host_window(self) -> None:
         """Backends that mirror the window counter on the host re-read it.
 
-        The PyTorch step decides on the host whether a micro-batch closes its
-        window (no device synchronization per micro-batch); its mirror of
+        The PyTorch step, and the TensorFlow train function when it picks its
+        program, decide on the host whether a micro-batch may close its window
+        (no device synchronization per micro-batch); their mirror of
         ``micro_step`` is re-read from the variable when it may have changed
         outside the step: at ``fit()`` start and when state is built or loaded.
         """

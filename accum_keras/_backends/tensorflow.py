@@ -22,7 +22,6 @@ not applied, and it is counted in ``skipped_updates``.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -170,17 +169,24 @@ class TrainFunction:
 
     def __init__(self, model):
         self._model = model
-        accumulate = functools.partial(accumulate_micro_batch, model)
-        apply = functools.partial(_apply_and_report, model)
-        if not model.run_eagerly:
-            # Traced once, shared by both programs.
-            jit_compile = bool(model.jit_compile)
-            accumulate = tf.function(accumulate, jit_compile=jit_compile, reduce_retracing=True)
-            apply = tf.function(apply, jit_compile=jit_compile)
 
-        def accumulate_then_apply_when_full(data):
-            logs = accumulate(data)
-            _apply_window_when_full(model, apply)
+        def accumulate_step(data):
+            return accumulate_micro_batch(model, data)
+
+        def update_step():
+            return _apply_and_report(model)
+
+        if not model.run_eagerly:
+            # Each traced once, shared by both programs.
+            jit_compile = bool(model.jit_compile)
+            accumulate_step = tf.function(
+                accumulate_step, jit_compile=jit_compile, reduce_retracing=True
+            )
+            update_step = tf.function(update_step, jit_compile=jit_compile)
+
+        def accumulate_then_update_when_full(data):
+            logs = accumulate_step(data)
+            _apply_window_when_full(model, update_step)
             return logs
 
         # Keras' `_make_function` adds the iterator, `steps_per_execution`
@@ -189,8 +195,8 @@ class TrainFunction:
         # graph around them must stay outside XLA.
         saved, model._jit_compile = model._jit_compile, False
         try:
-            self.accumulate = model._make_function(accumulate)
-            self.accumulate_and_apply = model._make_function(accumulate_then_apply_when_full)
+            self.accumulate = model._make_function(accumulate_step)
+            self.accumulate_and_apply = model._make_function(accumulate_then_update_when_full)
         finally:
             model._jit_compile = saved
 

@@ -101,18 +101,14 @@ def test_train_on_batch_counts_its_micro_batches_with_steps_per_execution(xla):
     assert accumulating.pending_micro_steps == 0
 
 
-@pytest.mark.parametrize("name", ["adam", "ema", "exponential_decay", "global_clipnorm"])
+@pytest.mark.parametrize("name", ["adam", "ema"])
 def test_optimizers_match_the_big_batch(xla, name):
     test_exactness.test_every_optimizer_and_option_matches_the_big_batch(name)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"steps_per_execution": 3}, {"steps_per_execution": 9}],
-    ids=["spe_3", "spe_9_closes_twice_per_call"],
-)
-def test_steps_per_execution(xla, options):
-    test_exactness.test_execution_modes(options)
+def test_steps_per_execution_closing_two_windows_per_call(xla):
+    # 60 samples: windows of 4, 4, 4 and a short one of 3 micro-batches.
+    test_exactness.test_execution_modes({"steps_per_execution": 9})
 
 
 def test_masked_per_token_loss(xla):

@@ -163,6 +163,10 @@ class TrainFunction:
     than ``steps_per_execution`` only when its dataset runs out, which ends
     the epoch, and the epoch's end applies the pending window.
 
+    Under a distribution strategy (where replicas synchronize inside the
+    step, which a nested `tf.function` may not do) each program is traced
+    whole, the update under a `tf.cond` in the second one.
+
     Args:
         model: the `AccumulatingModel`, with ``accumulation_steps`` > 1.
     """
@@ -176,7 +180,11 @@ class TrainFunction:
         def update_step():
             return _apply_and_report(model)
 
-        if not model.run_eagerly:
+        # Under a distribution strategy the step synchronizes replicas
+        # (all-reduces, `merge_call`), which a nested `tf.function` may not;
+        # there each program is traced (and compiled) whole, as Keras does.
+        separate = not model.run_eagerly and getattr(model, "_distribute_strategy", None) is None
+        if separate:
             # Each traced once, shared by both programs.
             jit_compile = bool(model.jit_compile)
             accumulate_step = tf.function(
@@ -193,7 +201,9 @@ class TrainFunction:
         # loop and distribution around a step, compiling the step with XLA
         # when the model does; here the XLA parts are compiled above and the
         # graph around them must stay outside XLA.
-        saved, model._jit_compile = model._jit_compile, False
+        saved = model._jit_compile
+        if separate:
+            model._jit_compile = False
         try:
             self.accumulate = model._make_function(accumulate_step)
             self.accumulate_and_apply = model._make_function(accumulate_then_update_when_full)

@@ -164,8 +164,9 @@ class TrainFunction:
     the epoch, and the epoch's end applies the pending window.
 
     Under a distribution strategy (where replicas synchronize inside the
-    step, which a nested `tf.function` may not do) each program is traced
-    whole, the update under a `tf.cond` in the second one.
+    step, which a nested `tf.function` may not do) and with a
+    `LossScaleOptimizer` each program is traced (and compiled) whole, the
+    update under a `tf.cond` in the second one.
 
     Args:
         model: the `AccumulatingModel`, with ``accumulation_steps`` > 1.
@@ -183,7 +184,13 @@ class TrainFunction:
         # Under a distribution strategy the step synchronizes replicas
         # (all-reduces, `merge_call`), which a nested `tf.function` may not;
         # there each program is traced (and compiled) whole, as Keras does.
-        separate = not model.run_eagerly and getattr(model, "_distribute_strategy", None) is None
+        # The same holds for a `LossScaleOptimizer`, whose update decides
+        # through `merge_call` too.
+        separate = (
+            not model.run_eagerly
+            and getattr(model, "_distribute_strategy", None) is None
+            and not _is_loss_scale_optimizer(model.optimizer)
+        )
         if separate:
             # Each traced once, shared by both programs.
             jit_compile = bool(model.jit_compile)

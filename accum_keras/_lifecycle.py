@@ -52,17 +52,20 @@ def apply_pending(model) -> bool:
     Returns:
         Whether a window was applied.
     """
-    if pending_micro_steps(model) == 0:
-        return False
-    if _custom_step.is_active(model):
+    pending = pending_micro_steps(model) > 0
+    if pending and _custom_step.is_active(model):
         _custom_step.apply_window(model)
-        return True
-    if model._accumulation_apply_function is None:
-        model._accumulation_apply_function = model._accumulation_backend().make_apply_function(
-            model
-        )
-    model._accumulation_apply_function()
-    return True
+    elif pending:
+        if model._accumulation_apply_function is None:
+            model._accumulation_apply_function = model._accumulation_backend().make_apply_function(
+                model
+            )
+        model._accumulation_apply_function()
+    # The window is empty now, whatever a backend's host mirror of the
+    # counter assumed (an epoch's last call may run fewer steps than
+    # `steps_per_execution`).
+    model._accumulation_host_micro_step = 0
+    return pending
 
 
 def discard_pending(model) -> int:

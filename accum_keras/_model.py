@@ -273,7 +273,19 @@ class AccumulatingModel:
             return self.train_function
         self._prepare_accumulation()
         _custom_step.install(self, _backend_module())
-        return super().make_train_function(force=force)
+        make = getattr(_backend_module(), "make_train_function", None)
+        if (
+            make is None
+            or self._accumulation_steps == 1
+            or _custom_step.user_train_step(self) is not None
+        ):
+            # Keras' own train function, around `train_step` (the user's
+            # step, when the model has one).
+            return super().make_train_function(force=force)
+        # The backend chooses, per call, between a program that only
+        # accumulates and one that may apply the window.
+        self.train_function = make(self)
+        return self.train_function
 
     # -- the step ----------------------------------------------------------
 
@@ -399,8 +411,9 @@ class AccumulatingModel:
     def _forget_host_window(self) -> None:
         """Backends that mirror the window counter on the host re-read it.
 
-        The PyTorch step decides on the host whether a micro-batch closes its
-        window (no device synchronization per micro-batch); its mirror of
+        The PyTorch step, and the TensorFlow train function when it picks its
+        program, decide on the host whether a micro-batch may close its window
+        (no device synchronization per micro-batch); their mirror of
         ``micro_step`` is re-read from the variable when it may have changed
         outside the step: at ``fit()`` start and when state is built or loaded.
         """

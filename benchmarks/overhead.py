@@ -53,24 +53,34 @@ variables per parameter). Keras' built-in accumulation adds per micro-batch
 too, so accum_keras / built-in is the number to watch: about 1.0 means
 accum_keras' exact window normalization costs nothing measurable.
 
-On CPU-only machines Keras resolves ``jit_compile="auto"`` to ``False``, so
-that mode is the same program as ``jit_compile=False`` and is reported as
-such instead of being timed twice; ``--jit true`` (in the ``--full`` default)
-adds XLA.
+XLA and backends
+----------------
+``--xla on`` compiles every arm with ``jit_compile=True`` (XLA, what Keras'
+``"auto"`` picks on a GPU), ``--xla off`` with ``jit_compile=False``, and
+``--xla both`` (the default) times both. On CPU-only machines Keras resolves
+``jit_compile="auto"`` to ``False``, so ``--jit auto`` is reported as that
+program instead of being timed twice. ``--backends tensorflow,jax`` (the
+default) also times the three arms on JAX, in a subprocess (Keras fixes its
+backend at import); JAX always compiles with XLA, so its row is XLA whatever
+``--xla`` says, and its floor columns are left empty (they are measured with
+TensorFlow).
 
 Usage::
 
-    python benchmarks/overhead.py          # quick (about 2 minutes on 2 CPU cores)
-    python benchmarks/overhead.py --full   # bigger models, more steps and repeats
+    python benchmarks/overhead.py                      # quick: TF without and with XLA, JAX
+    python benchmarks/overhead.py --xla on --models mlp -b 32 -k 8
+    python benchmarks/overhead.py --full               # bigger models, more steps and repeats
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -157,6 +167,9 @@ class BatchClock(keras.callbacks.Callback):
         self.stamps = []
 
     def on_train_batch_end(self, batch, logs=None):
+        # Wait for the step (JAX dispatches asynchronously), as a progress
+        # bar would; every arm pays the same.
+        float(keras.ops.convert_to_numpy(logs["loss"]))
         self.stamps.append((time.perf_counter(), time.process_time()))
 
 
@@ -226,7 +239,8 @@ def run_case(name, build, args, jit_label, jit_compile):
     }
     resolved = bool(models["plain"].jit_compile)
     params = sum(int(np.prod(v.shape)) for v in models["plain"].trainable_variables)
-    floor_parts = FloorParts(models["plain"], args.optimizer, resolved)
+    on_tensorflow = keras.backend.backend() == "tensorflow"
+    floor_parts = FloorParts(models["plain"], args.optimizer, resolved) if on_tensorflow else None
 
     warm = 2 * args.k * args.batch_size
     for arm in ARMS:  # warm-up: tracing / XLA compilation, not timed
@@ -234,7 +248,7 @@ def run_case(name, build, args, jit_label, jit_compile):
 
     # Each round runs every arm for one epoch and times the floor's parts, in
     # an order rotated every round.
-    items = (*ARMS, "opt", "add")
+    items = (*ARMS, "opt", "add") if floor_parts is not None else ARMS
     epochs: dict[str, list[list[tuple[float, float]]]] = {arm: [] for arm in ARMS}
     parts: dict[str, list[float]] = {"opt": [], "add": []}
     for round_ in range(args.repeats):
@@ -253,9 +267,11 @@ def run_case(name, build, args, jit_label, jit_compile):
     }
     medians = {arm: statistics.median(t) for arm, t in wall.items()}
     cpu_medians = {arm: statistics.median(t) for arm, t in cpu.items()}
-    update_s = statistics.median(parts["opt"])
-    add_s = statistics.median(parts["add"])
-    floor = medians["plain"] - update_s + update_s / args.k + add_s
+    update_s = statistics.median(parts["opt"]) if parts["opt"] else None
+    add_s = statistics.median(parts["add"]) if parts["add"] else None
+    floor = None
+    if update_s is not None:
+        floor = medians["plain"] - update_s + update_s / args.k + add_s
 
     accumulating = models["accum_keras"]
     assert accumulating.pending_micro_steps == 0
@@ -264,9 +280,11 @@ def run_case(name, build, args, jit_label, jit_compile):
         arm: (max(t) - min(t)) / statistics.median(t) if len(t) > 1 else 0.0
         for arm, t in epoch_medians.items()
     }
+    jit = jit_label if str(resolved).lower() == jit_label else f"{jit_label} (={resolved})"
     return {
         "model": name,
-        "jit": jit_label if str(resolved).lower() == jit_label else f"{jit_label} (={resolved})",
+        "backend": keras.backend.backend(),
+        "jit": jit,
         "params": params,
         "medians": medians,
         "cpu_medians": cpu_medians,
@@ -277,8 +295,8 @@ def run_case(name, build, args, jit_label, jit_compile):
     }
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f}"
+def ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 def print_table(rows, args):
@@ -289,15 +307,16 @@ def print_table(rows, args):
         "spread = (max - min) / median of the per-epoch medians\n"
     )
     print(
-        "| model | jit_compile | params | plain ms | built-in ms | accum_keras ms "
+        "| model | backend | jit_compile | params | plain ms | built-in ms | accum_keras ms "
         "| accum/built-in | accum/plain | opt update ms | add ms | floor ms | spread p/b/a |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         m = r["medians"]
         spread = "/".join(f"{r['spread'][arm]:.0%}" for arm in ARMS)
         print(
-            f"| {r['model']} | {r['jit']} | {r['params'] / 1e6:.2f}M | {ms(m['plain'])} "
+            f"| {r['model']} | {r['backend']} | {r['jit']} | {r['params'] / 1e6:.2f}M "
+            f"| {ms(m['plain'])} "
             f"| {ms(m['built-in'])} | {ms(m['accum_keras'])} "
             f"| {m['accum_keras'] / m['built-in']:.3f} | {m['accum_keras'] / m['plain']:.3f} "
             f"| {ms(r['update_s'])} | {ms(r['add_s'])} | {ms(r['floor'])} | {spread} |"
@@ -307,14 +326,15 @@ def print_table(rows, args):
         "jobs on a shared machine, but it counts the thread pools' spin-waiting):\n"
     )
     print(
-        "| model | jit_compile | plain CPU ms | built-in CPU ms | accum_keras CPU ms "
+        "| model | backend | jit_compile | plain CPU ms | built-in CPU ms | accum_keras CPU ms "
         "| accum/built-in | accum/plain |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         c = r["cpu_medians"]
         print(
-            f"| {r['model']} | {r['jit']} | {ms(c['plain'])} | {ms(c['built-in'])} "
+            f"| {r['model']} | {r['backend']} | {r['jit']} | {ms(c['plain'])} "
+            f"| {ms(c['built-in'])} "
             f"| {ms(c['accum_keras'])} | {c['accum_keras'] / c['built-in']:.3f} "
             f"| {c['accum_keras'] / c['plain']:.3f} |"
         )
@@ -329,10 +349,24 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="micro-batches per timed epoch (multiple of k)")
     parser.add_argument("--repeats", type=int, help="timed epochs per arm")
     parser.add_argument(
+        "--xla",
+        choices=("off", "on", "both"),
+        default="both",
+        help="TensorFlow: time without XLA (jit_compile=False), with it "
+        "(jit_compile=True) or both (default)",
+    )
+    parser.add_argument(
         "--jit",
         help="comma-separated jit_compile modes among false, auto, true "
-        "(default: false,auto; with --full: false,auto,true)",
+        "(overrides --xla; e.g. auto on a GPU)",
     )
+    parser.add_argument(
+        "--backends",
+        default="tensorflow,jax",
+        help="comma-separated Keras backends among tensorflow, jax "
+        "(default both; each other than this process's runs in a subprocess)",
+    )
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--models", default="cnn,mlp", help="comma-separated models among cnn, mlp")
     parser.add_argument(
         "--threads", type=int, default=0, help="TF intra-op threads (0: TF default)"
@@ -340,7 +374,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.jit is None:
-        args.jit = "false,auto,true" if args.full else "false,auto"
+        args.jit = {"off": "false", "on": "true", "both": "false,true"}[args.xla]
     if args.steps is None:
         args.steps = 64 if args.full else 24
     if args.repeats is None:
@@ -351,14 +385,53 @@ def parse_args(argv=None):
     return args
 
 
+def run_backend_subprocess(backend: str, argv: list[str]) -> list[dict]:
+    """The rows of this benchmark on another Keras backend (its own process)."""
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--backends", backend, "--json"]
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        print(f"{backend}: failed\n{completed.stderr[-3000:]}", file=sys.stderr)
+        return []
+    log, _, rows = completed.stdout.rpartition("ROWS\n")
+    print(log, end="", flush=True)
+    return json.loads(rows)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    backends = args.backends.split(",")
+    here = keras.backend.backend()
+    others = [b for b in backends if b != here]
+    if others:
+        # Keras fixes its backend at import: the other backends run in
+        # subprocesses (their rows are added to this table).
+        forwarded = [a for a in argv if not a.startswith("--backends")]
+        if "--backends" in argv:
+            index = argv.index("--backends")
+            forwarded = argv[:index] + argv[index + 2 :]
+        rows = main_rows(args) if here in backends else []
+        for backend in others:
+            rows += run_backend_subprocess(backend, forwarded)
+        print_table(rows, args)
+        return
+    rows = main_rows(args)
+    if args.json:
+        print("ROWS")
+        print(json.dumps(rows))
+    else:
+        print_table(rows, args)
+
+
+def main_rows(args) -> list[dict]:
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     print(
-        f"tensorflow {tf.__version__}, keras {keras.__version__}, "
+        f"keras {keras.__version__} on {keras.backend.backend()}, tensorflow {tf.__version__}, "
         f"accum_keras {accum_keras.__version__} ({library_revision()}), devices: "
-        + ", ".join(d.name for d in tf.config.list_physical_devices())
+        + ", ".join(d.name for d in tf.config.list_physical_devices()),
+        flush=True,
     )
     builders = {
         "cnn": (
@@ -371,12 +444,16 @@ def main(argv=None):
         ),
     }
     modes = {"false": False, "auto": "auto", "true": True}
+    jit_labels = args.jit.split(",")
+    if keras.backend.backend() == "jax":
+        # JAX always compiles with XLA (jit_compile=False would run op by op).
+        jit_labels = ["auto"]
     rows = []
     start = time.perf_counter()
     for model_name in args.models.split(","):
         label, build = builders[model_name]
         done: dict[bool, str] = {}
-        for jit_label in args.jit.split(","):
+        for jit_label in jit_labels:
             jit_compile = modes[jit_label]
             resolved = probe_jit(build, jit_compile)
             if resolved in done:
@@ -388,9 +465,13 @@ def main(argv=None):
             done[resolved] = jit_label
             t0 = time.perf_counter()
             rows.append(run_case(label, build, args, jit_label, jit_compile))
-            print(f"{label}, jit_compile={jit_label}: {time.perf_counter() - t0:.0f} s")
-    print_table(rows, args)
-    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+            print(
+                f"{label} on {keras.backend.backend()}, jit_compile={jit_label}: "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+    print(f"{keras.backend.backend()}: total wall time {time.perf_counter() - start:.0f} s")
+    return rows
 
 
 def probe_jit(build, jit_compile) -> bool:

@@ -8,6 +8,10 @@ reference.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+
 import keras
 import numpy as np
 
@@ -69,3 +73,32 @@ def regression_data(samples=64, features=5, outputs=1, seed=0):
     x = rng.normal(size=(samples, features)).astype("float32")
     y = rng.normal(size=(samples, outputs)).astype("float32")
     return x, y
+
+
+# `ACCUM_KERAS_TEST_XLA=1` runs the TensorFlow specification with XLA (see
+# tests/conftest.py), the path Keras takes by default on a GPU.
+XLA_ENV = "ACCUM_KERAS_TEST_XLA"
+
+
+@contextlib.contextmanager
+def xla_by_default() -> Iterator[None]:
+    """Makes ``compile()`` default to ``jit_compile=True`` (XLA) on TensorFlow.
+
+    Keras resolves ``jit_compile="auto"`` to False on CPU-only machines; on a
+    GPU it is True. An explicit ``jit_compile`` passed to ``compile()`` wins.
+    """
+    from keras.src.trainers.trainer import Trainer
+
+    original = Trainer.compile
+
+    @functools.wraps(original)
+    def compile_with_xla(self, *args, **kwargs):
+        if kwargs.get("jit_compile", "auto") == "auto" and not kwargs.get("run_eagerly"):
+            kwargs["jit_compile"] = True
+        return original(self, *args, **kwargs)
+
+    Trainer.compile = compile_with_xla
+    try:
+        yield
+    finally:
+        Trainer.compile = original

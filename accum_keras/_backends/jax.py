@@ -266,8 +266,20 @@ def plain_train_step(model, state, data):
     return logs, (trainable, non_trainable, optimizer_and_window, metrics)
 
 
-def train_step(model, state, data):
-    """One micro-batch: accumulate its gradient, apply the window when full."""
+def train_step(model, state, data, may_apply: bool = True):
+    """One micro-batch: accumulate its gradient, apply the window when full.
+
+    Args:
+        model: the `AccumulatingModel`.
+        state: Keras' JAX training state (see the module docstring).
+        data: the micro-batch.
+        may_apply: False for micro-batches known not to close their window
+            (see `make_train_function`): the step then holds no optimizer
+            update at all, not even an untaken `lax.cond` branch.
+
+    Returns:
+        ``(logs, state)``.
+    """
     window_state = model._accumulation_state
     if not window_state.built or not window_state.follows(model.trainable_variables):
         raise RuntimeError(
@@ -348,22 +360,66 @@ def train_step(model, state, data):
     window["micro_step"] = window["micro_step"] + 1
     steps = window.pop("accumulation_steps")
 
-    with _reading(read_only_variables(model)[1:], read_only_values[1:]):
-        trainable, non_trainable, optimizer_values, window = _cond(
-            window["micro_step"] >= steps,
-            lambda t, n, o, w: apply_window_values(model, t, n, o, w),
-            lambda t, n, o, w: (list(t), list(n), list(o), w),
-            list(trainable),
-            list(non_trainable),
-            optimizer_values,
-            window,
-        )
+    if may_apply:
+        with _reading(read_only_variables(model)[1:], read_only_values[1:]):
+            trainable, non_trainable, optimizer_values, window = _cond(
+                window["micro_step"] >= steps,
+                lambda t, n, o, w: apply_window_values(model, t, n, o, w),
+                lambda t, n, o, w: (list(t), list(n), list(o), w),
+                list(trainable),
+                list(non_trainable),
+                optimizer_values,
+                window,
+            )
 
     logs, metrics = _keras_internals.update_metrics_variables(
         model, metrics, loss, x, y, y_pred, sample_weight
     )
     optimizer_and_window = optimizer_values + _join(window) + read_only_values
     return logs, (trainable, non_trainable, optimizer_and_window, metrics)
+
+
+def make_train_function(model):
+    """The accumulating model's ``train_function``: two compiled steps, chosen on the host.
+
+    A `lax.cond` whose branch holds the optimizer update costs time even when
+    it is not taken (XLA threads the weights and the optimizer's slots
+    through it). Keras' JAX trainer runs one compiled step per micro-batch,
+    so the host can tell which micro-batches cannot close their window: a
+    host mirror of ``micro_step`` (``model._accumulation_host_micro_step``)
+    counts them, and those run a step without the update. The others run the
+    step that decides on the device (`lax.cond`), which stays exact even if
+    the mirror were stale. The mirror is read from the training state (one
+    synchronization) after ``fit()`` starts or window state was built or
+    loaded, and set to 0 when a pending window is applied.
+    """
+    jit_compile = not model.run_eagerly and model.jit_compile
+
+    def compiled(may_apply: bool):
+        def step(state, data):
+            return train_step(model, state, data, may_apply=may_apply)
+
+        if not jit_compile:
+            return step
+        out_shardings = None
+        if keras.distribution.distribution() is not None:
+            out_shardings = (None, model._get_state_sharding_spec())
+        return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
+
+    accumulate, accumulate_and_apply = compiled(False), compiled(True)
+
+    def step(state, data):
+        micro_step = getattr(model, "_accumulation_host_micro_step", None)
+        if micro_step is None:
+            _, window, _, _ = _split(model, state[2])
+            micro_step = int(window["micro_step"])
+        if micro_step + 1 < model.accumulation_steps:
+            model._accumulation_host_micro_step = micro_step + 1
+            return accumulate(state, data)
+        model._accumulation_host_micro_step = 0
+        return accumulate_and_apply(state, data)
+
+    return model._make_function(step)
 
 
 def _forward(model, trainable, non_trainable, layer_statistics, x):

@@ -22,6 +22,7 @@ not applied, and it is counted in ``skipped_updates``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,7 +72,23 @@ def _sum_over_replicas(value):
 
 
 def train_step(model, data):
-    """One micro-batch: accumulate its gradient, apply the window when full."""
+    """One micro-batch: accumulate its gradient, apply the window when full.
+
+    The single-program step (what `TrainFunction`'s closing program runs
+    without XLA); `TrainFunction` runs `accumulate_micro_batch` alone on
+    micro-batches that cannot close a window.
+    """
+    logs = accumulate_micro_batch(model, data)
+    _apply_window_when_full(model, lambda: _apply_and_report(model))
+    return logs
+
+
+def accumulate_micro_batch(model, data):
+    """One micro-batch: add its gradient to the window, never apply it.
+
+    Returns:
+        The step's logs, as Keras' ``train_step`` returns them.
+    """
     model._prepare_accumulation_while_tracing(data)
     state = model._accumulation_state
     optimizer = model.optimizer
@@ -108,13 +125,134 @@ def train_step(model, data):
     state.window_samples.assign_add(global_samples)
     state.add_samples_seen(global_samples)
     state.micro_step.assign_add(1)
-    _apply_window_when_full(model)
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     if _keras_internals.in_multi_worker_mode(model.distribute_strategy):
         # Keras 3.15 averages step logs across workers along axis 0, which
         # fails for scalars (plain Keras models crash there too).
         logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
     return logs
+
+
+class TrainFunction:
+    """The accumulating model's ``train_function``: two programs, chosen on the host.
+
+    Keras calls ``train_function(iterator)`` once per ``steps_per_execution``
+    micro-batches. Most calls cannot close a window, and for those this runs
+    a program that only accumulates: it contains no optimizer update, not
+    even an untaken one. Under XLA that matters: a conditional that writes
+    the weights and the optimizer's slots costs time even when its branch is
+    not taken (XLA threads every variable it may write through the
+    conditional), which made the accumulating step slower than a plain one.
+
+    - ``accumulate``: `accumulate_micro_batch` on each micro-batch of the call.
+    - ``accumulate_and_apply``: the same, each micro-batch followed by the
+      window update when the window is full. Under XLA the accumulation and
+      the update are compiled separately and the decision between them is
+      made by the (non-XLA) TensorFlow graph around them, so an update that
+      is not taken costs nothing there either; with ``steps_per_execution``
+      > 1 this program is exact whichever of its micro-batches closes a
+      window.
+
+    The choice needs no device synchronization: a host mirror of the
+    window's ``micro_step`` (``model._accumulation_host_micro_step``) is
+    advanced by the number of micro-batches each call runs, and re-read from
+    the variable only when it may have changed outside this function (it is
+    set to None at ``fit()`` start, when window state is built or loaded, and
+    to 0 when a pending window is applied). A call may run fewer micro-batches
+    than ``steps_per_execution`` only when its dataset runs out, which ends
+    the epoch, and the epoch's end applies the pending window.
+
+    Under a distribution strategy (where replicas synchronize inside the
+    step, which a nested `tf.function` may not do) and with a
+    `LossScaleOptimizer` each program is traced (and compiled) whole, the
+    update under a `tf.cond` in the second one.
+
+    Args:
+        model: the `AccumulatingModel`, with ``accumulation_steps`` > 1.
+    """
+
+    def __init__(self, model):
+        self._model = model
+
+        def accumulate_step(data):
+            return accumulate_micro_batch(model, data)
+
+        def update_step():
+            return _apply_and_report(model)
+
+        # Under a distribution strategy the step synchronizes replicas
+        # (all-reduces, `merge_call`), which a nested `tf.function` may not;
+        # there each program is traced (and compiled) whole, as Keras does.
+        # The same holds for a `LossScaleOptimizer`, whose update decides
+        # through `merge_call` too.
+        separate = (
+            not model.run_eagerly
+            and getattr(model, "_distribute_strategy", None) is None
+            and not _is_loss_scale_optimizer(model.optimizer)
+        )
+        if separate:
+            # Each traced once, shared by both programs.
+            jit_compile = bool(model.jit_compile)
+            accumulate_step = tf.function(
+                accumulate_step, jit_compile=jit_compile, reduce_retracing=True
+            )
+            update_step = tf.function(update_step, jit_compile=jit_compile)
+
+        def accumulate_then_update_when_full(data):
+            logs = accumulate_step(data)
+            _apply_window_when_full(model, update_step)
+            return logs
+
+        # Keras' `_make_function` adds the iterator, `steps_per_execution`
+        # loop and distribution around a step, compiling the step with XLA
+        # when the model does; here the XLA parts are compiled above and the
+        # graph around them must stay outside XLA.
+        saved = model._jit_compile
+        if separate:
+            model._jit_compile = False
+        try:
+            self.accumulate = model._make_function(accumulate_step)
+            self.accumulate_and_apply = model._make_function(accumulate_then_update_when_full)
+        finally:
+            model._jit_compile = saved
+
+    def __call__(self, iterator):
+        model = self._model
+        steps = model.steps_per_execution
+        if not isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+            # `train_on_batch` and custom loops pass a Python iterable, of
+            # which Keras runs up to `steps_per_execution` items.
+            iterator = list(itertools.islice(iterator, steps))
+            steps = len(iterator)
+        micro_step = _host_micro_step(model)
+        k = model.accumulation_steps
+        if micro_step + steps < k:
+            logs = self.accumulate(iterator)
+        else:
+            logs = self.accumulate_and_apply(iterator)
+        model._accumulation_host_micro_step = micro_step_after(micro_step, steps, k)
+        return logs
+
+
+def micro_step_after(micro_step: int, steps: int, accumulation_steps: int) -> int:
+    """The window's ``micro_step`` after ``steps`` more micro-batches.
+
+    Follows the step's rule: each micro-batch adds 1, and a window whose
+    count reaches ``accumulation_steps`` is applied (count 0).
+    """
+    first_close = max(accumulation_steps - micro_step, 1)
+    if steps < first_close:
+        return micro_step + steps
+    return (steps - first_close) % accumulation_steps
+
+
+def _host_micro_step(model) -> int:
+    micro_step = getattr(model, "_accumulation_host_micro_step", None)
+    if micro_step is None:
+        # The one synchronization: after fit() starts or state was loaded.
+        micro_step = int(model._accumulation_state.micro_step.numpy())
+        model._accumulation_host_micro_step = micro_step
+    return micro_step
 
 
 def _loss_scale(optimizer):
@@ -162,21 +300,18 @@ def _window_is_full(state):
     return state.micro_step.value >= state.accumulation_steps.value
 
 
-def _apply_window_when_full(model) -> None:
+def _apply_window_when_full(model, apply) -> None:
+    """Runs ``apply()`` (replica context, returns a bool tensor) if the window is full."""
     state = model._accumulation_state
     if _keras_internals.strategy_supports_no_merge_call():
-        tf.cond(
-            _window_is_full(state),
-            lambda: _apply_and_report(model),
-            lambda: tf.constant(False),
-        )
+        tf.cond(_window_is_full(state), apply, lambda: tf.constant(False))
         return
 
     def decide_for_all_replicas(distribution):
         # The counters are equal on every replica: decide once, then run the
         # update on each replica so that its all-reduce can happen.
         def apply_on_every_replica():
-            distribution.extended.call_for_each_replica(apply_window, args=(model,))
+            distribution.extended.call_for_each_replica(apply)
             return tf.constant(True)
 
         tf.cond(_window_is_full(state), apply_on_every_replica, lambda: tf.constant(False))
@@ -243,7 +378,7 @@ def _update(model, gradients):
 def check_skip_nonfinite_supported(model) -> None:
     """Refuses ``skip_nonfinite_updates`` where the update cannot be made conditional."""
     if model.skip_nonfinite_updates and not (
-        tf.__internal__.distribute.strategy_supports_no_merge_call()
+        _keras_internals.strategy_supports_no_merge_call()
         or _is_loss_scale_optimizer(model.optimizer)
     ):
         raise NotImplementedError(
@@ -277,6 +412,11 @@ def executing_eagerly() -> bool:
 
 def clear_accumulators(model) -> None:
     """Nothing to clear: a window's first micro-batch overwrites the accumulators."""
+
+
+def make_train_function(model) -> TrainFunction:
+    """The ``train_function`` of an accumulating model (see `TrainFunction`)."""
+    return TrainFunction(model)
 
 
 def make_apply_function(model):

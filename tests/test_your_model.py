@@ -3,9 +3,7 @@
 The reference is always the plain Keras model on the big batch.
 """
 
-import importlib.util
 import os
-import re
 
 import keras
 import numpy as np
@@ -198,19 +196,3 @@ def test_reloads_keep_the_class_the_weights_and_the_steps(make, tmp_path):
 
 
 # -- the documentation runs as pasted ----------------------------------------
-
-
-def _code_blocks():
-    with open(DOC, encoding="utf-8") as doc:
-        return re.findall(r"```python\n(.*?)```", doc.read(), flags=re.DOTALL)
-
-
-def test_the_documented_recipes_run_as_pasted(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    blocks = _code_blocks()
-    assert len(blocks) == 4
-    namespace: dict = {}
-    for block in blocks:
-        if "keras_hub" in block and importlib.util.find_spec("keras_hub") is None:
-            continue  # covered where KerasHub is installed (CI installs it)
-        exec(compile(block, DOC, "exec"), namespace)

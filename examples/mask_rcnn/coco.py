@@ -514,30 +514,18 @@ def export_shapes(data, image_dir, json_path, class_names):
     """
     from PIL import Image
 
-    from examples.mask_rcnn.evaluate import encode_mask, xywh
+    from examples.mask_rcnn.evaluate import shapes_annotations
 
     image_dir, json_path = Path(image_dir), Path(json_path)
     image_dir.mkdir(parents=True, exist_ok=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     size = data["images"].shape[1]
-    images, annotations = [], []
+    images = []
     for i, image_id in enumerate(data["image_id"]):
         file_name = f"{int(image_id):08d}.png"
         Image.fromarray(data["images"][i]).save(image_dir / file_name)
         images.append({"id": int(image_id), "file_name": file_name, "height": size, "width": size})
-        for k in np.flatnonzero(data["gt_valid"][i]):
-            mask = data["gt_masks"][i, k]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": int(image_id),
-                    "category_id": int(data["gt_classes"][i, k]),
-                    "bbox": xywh(data["gt_boxes"][i, k]),
-                    "segmentation": encode_mask(mask),
-                    "area": float(mask.sum()),
-                    "iscrowd": 0,
-                }
-            )
+    annotations = shapes_annotations(data)
     categories = [{"id": c, "name": n} for c, n in enumerate(class_names) if c > 0]
     json_path.write_text(
         json.dumps({"images": images, "annotations": annotations, "categories": categories})

@@ -27,9 +27,8 @@ def xywh(box):
     return [x1, y1, x2 - x1, y2 - y1]
 
 
-def coco_ground_truth(data, class_names=CLASS_NAMES):
-    """A pycocotools ``COCO`` object for a data set from ``shapes.py``."""
-    size = data["images"].shape[1]
+def shapes_annotations(data):
+    """COCO annotations (RLE masks, original-pixel boxes) of a data set from ``shapes.py``."""
     annotations = []
     for i, image_id in enumerate(data["image_id"]):
         for k in np.flatnonzero(data["gt_valid"][i]):
@@ -45,6 +44,13 @@ def coco_ground_truth(data, class_names=CLASS_NAMES):
                     "iscrowd": 0,
                 }
             )
+    return annotations
+
+
+def coco_ground_truth(data, class_names=CLASS_NAMES):
+    """A pycocotools ``COCO`` object for a data set from ``shapes.py``."""
+    size = data["images"].shape[1]
+    annotations = shapes_annotations(data)
     coco = COCO()
     coco.dataset = {
         "images": [{"id": int(i), "height": size, "width": size} for i in data["image_id"]],

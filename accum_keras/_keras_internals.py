@@ -19,6 +19,8 @@ through an accessor; they are listed, with the parameters they must have, in
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -150,6 +152,31 @@ def sublayers(model) -> list:
 def symbolic_build(model, data_batch) -> None:
     """``Trainer._symbolic_build(data_batch=...)``: builds the model, compiled loss and metrics."""
     model._symbolic_build(data_batch=data_batch)
+
+
+def make_function(model, step) -> Any:
+    """``Trainer._make_function(step)``: Keras' train function around one step.
+
+    It adds the iterator, the ``steps_per_execution`` loop, distribution and
+    (on TensorFlow, when the model compiles with XLA) ``jit_compile``.
+    """
+    return model._make_function(step)
+
+
+@contextlib.contextmanager
+def jit_compile_off(model) -> Iterator[None]:
+    """Sets ``Trainer._jit_compile`` to False for the duration (what ``jit_compile`` reads)."""
+    saved = model._jit_compile
+    model._jit_compile = False
+    try:
+        yield
+    finally:
+        model._jit_compile = saved
+
+
+def state_sharding_spec(model) -> Any:
+    """``JAXTrainer._get_state_sharding_spec()``: the layouts of the step's four state lists."""
+    return model._get_state_sharding_spec()
 
 
 def distribute_strategy_or_none(model) -> Any:

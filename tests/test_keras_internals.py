@@ -300,3 +300,25 @@ def test_variable_value():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(variable.value), 3.0)
     internals.set_variable_value(variable, raw)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(variable.value), 1.0)
+
+
+def test_make_function_and_jit_compile_off():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse", jit_compile=False)
+    assert "step_function" in inspect.signature(type(model)._make_function).parameters
+    function = internals.make_function(model, lambda data: {})
+    assert callable(function)
+    assert model._jit_compile is False
+    model._jit_compile = True
+    with internals.jit_compile_off(model):
+        assert model.jit_compile is False
+    assert model._jit_compile is True
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX trainer internals")
+def test_state_sharding_spec():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.optimizer.build(model.trainable_variables)
+    specs = internals.state_sharding_spec(model)
+    assert len(specs) == 4

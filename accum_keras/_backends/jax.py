@@ -403,7 +403,7 @@ def make_train_function(model):
             return step
         out_shardings = None
         if keras.distribution.distribution() is not None:
-            out_shardings = (None, model._get_state_sharding_spec())
+            out_shardings = (None, _keras_internals.state_sharding_spec(model))
         return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
 
     accumulate, accumulate_and_apply = compiled(False), compiled(True)
@@ -419,7 +419,7 @@ def make_train_function(model):
         model._accumulation_host_micro_step = 0
         return accumulate_and_apply(state, data)
 
-    return model._make_function(step)
+    return _keras_internals.make_function(model, step)
 
 
 def _forward(model, trainable, non_trainable, layer_statistics, x):

@@ -22,6 +22,7 @@ not applied, and it is counted in ``skipped_updates``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -207,14 +208,12 @@ class TrainFunction:
         # loop and distribution around a step, compiling the step with XLA
         # when the model does; here the XLA parts are compiled above and the
         # graph around them must stay outside XLA.
-        saved = model._jit_compile
-        if separate:
-            model._jit_compile = False
-        try:
-            self.accumulate = model._make_function(accumulate_step)
-            self.accumulate_and_apply = model._make_function(accumulate_then_update_when_full)
-        finally:
-            model._jit_compile = saved
+        outer = _keras_internals.jit_compile_off(model) if separate else contextlib.nullcontext()
+        with outer:
+            self.accumulate = _keras_internals.make_function(model, accumulate_step)
+            self.accumulate_and_apply = _keras_internals.make_function(
+                model, accumulate_then_update_when_full
+            )
 
     def __call__(self, iterator):
         model = self._model

@@ -269,7 +269,7 @@ class AccumulatingModel:
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def make_train_function(self, force: bool = False):
-        if self.train_function is not None and not force:
+        if self.train_function is not None and not force and not self._trainable_set_changed():
             return self.train_function
         self._prepare_accumulation()
         _custom_step.install(self, _backend_module())
@@ -326,6 +326,20 @@ class AccumulatingModel:
             if with_gradients and not state.follows(self.trainable_variables):
                 _lifecycle.apply_pending(self)
                 state.follow(self.trainable_variables)
+
+    def _trainable_set_changed(self) -> bool:
+        """Whether layers were frozen or unfrozen since the accumulators were made.
+
+        Only where Keras itself reads the trainable variables at every step
+        (JAX, PyTorch, ``run_eagerly``); compiled TensorFlow steps keep the
+        variables they were traced with until ``compile()``, as in plain Keras.
+        """
+        state = self._accumulation_state
+        return (
+            bool(state.gradients)
+            and _backend_module().reads_trainable_variables_per_step(self)
+            and not state.follows(self.trainable_variables)
+        )
 
     def _prepare_window_for_load(self, with_gradients: bool) -> None:
         """Builds the window state for the current variables before a load.

@@ -519,6 +519,11 @@ def check_skip_nonfinite_supported(model) -> None:
     """Every JAX setup supports ``skip_nonfinite_updates``."""
 
 
+def reads_trainable_variables_per_step(model) -> bool:
+    """No: Keras' JAX optimizer refuses another trainable set until ``compile()``."""
+    return False
+
+
 def executing_eagerly() -> bool:
     """The JAX step never prepares its state itself (see `train_step`)."""
     return False

@@ -404,6 +404,11 @@ def _all_finite(gradients: Sequence[Any]):
     )
 
 
+def reads_trainable_variables_per_step(model) -> bool:
+    """Compiled steps keep the variables they were traced with; eager ones don't."""
+    return bool(model.run_eagerly)
+
+
 def executing_eagerly() -> bool:
     """Whether the step runs eagerly (``run_eagerly=True``), not being traced."""
     return tf.executing_eagerly()

@@ -202,6 +202,11 @@ def all_finite(gradients) -> Any:
     return torch.stack([torch.isfinite(g).all() for g in present]).all()
 
 
+def reads_trainable_variables_per_step(model) -> bool:
+    """PyTorch steps read ``model.trainable_variables`` every time."""
+    return True
+
+
 def executing_eagerly() -> bool:
     """PyTorch steps always run eagerly."""
     return True

@@ -9,8 +9,8 @@ their concatenation whenever the table says a window is applied. After every
 event the two must have the same weights, the same number of optimizer
 updates and the same number of pending micro-batches.
 
-The budget is set by ``ACCUM_KERAS_STATE_MACHINE_EXAMPLES`` (default: 200 on
-TensorFlow, 40 on the other backends, which run the whole suite too).
+The budget is set by ``ACCUM_KERAS_STATE_MACHINE_EXAMPLES`` (default: 120 on
+TensorFlow, 20 on the other backends, which run the whole suite too).
 """
 
 import os
@@ -30,7 +30,7 @@ MICRO = 3
 POOL = 24  # micro-batches of data, used round-robin
 TOLERANCE = 1e-5  # relative, over sequences of up to ~30 updates
 
-_DEFAULT_EXAMPLES = 200 if keras.backend.backend() == "tensorflow" else 40
+_DEFAULT_EXAMPLES = 120 if keras.backend.backend() == "tensorflow" else 20
 EXAMPLES = int(os.environ.get("ACCUM_KERAS_STATE_MACHINE_EXAMPLES", _DEFAULT_EXAMPLES))
 
 _rng = np.random.default_rng(0)

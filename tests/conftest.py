@@ -24,3 +24,13 @@ def _xla_when_asked():
             yield
     else:
         yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Shows what each other backend's suite (run in a subprocess) counted."""
+    suites = __import__("sys").modules.get("test_backend_suites")
+    results = getattr(suites, "BACKEND_RESULTS", None)
+    if results:
+        terminalreporter.section("the suite on the other backends")
+        for backend, line in results.items():
+            terminalreporter.write_line(f"{backend}: {line}")

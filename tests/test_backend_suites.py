@@ -46,6 +46,17 @@ SPECIFICS = {
 }
 
 
+# The closing line of each backend's suite, printed at the end of the run by
+# `conftest.pytest_terminal_summary` (the subprocess tests themselves show as
+# one test each).
+BACKEND_RESULTS: dict[str, str] = {}
+
+
+def _summary_line(stdout: str) -> str:
+    lines = [line.strip("= ") for line in stdout.splitlines() if " passed" in line]
+    return lines[-1] if lines else "no summary (see the failure above)"
+
+
 def _skip_unless_installed(backend: str) -> None:
     module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
     if importlib.util.find_spec(module) is None:
@@ -85,6 +96,7 @@ def test_the_suite_passes_on_the_backend(backend, tmp_path):
         _jax_compilation_cache(env, tmp_path / "jax_cache")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"]
     completed = _run(command + SUITE + SPECIFICS[backend], env, timeout=900)
+    BACKEND_RESULTS[backend] = _summary_line(completed.stdout)
     report = completed.stdout[-6000:] + completed.stderr[-2000:]
     assert completed.returncode == 0, f"the {backend} suite failed:\n{report}"
     assert " passed" in completed.stdout, report

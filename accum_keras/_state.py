@@ -190,7 +190,8 @@ class AccumulationState(KerasSaveable):
             raise ValueError(
                 "The accumulation state must be built before loading it; build the model first."
             )
-        saved = {name: store[name] for name, _ in _SCALARS if name in keys}
+        # Older Keras hands out h5py datasets: read them as arrays.
+        saved = {name: np.asarray(store[name]) for name, _ in _SCALARS if name in keys}
         _restore_samples_seen(saved)
         for name in (
             "last_update_samples",
@@ -202,13 +203,14 @@ class AccumulationState(KerasSaveable):
                 getattr(self, name).assign(saved[name])
         pending = int(saved.get("micro_step", 0))
         matches = len(saved_gradients) == len(self.gradients) and all(
-            tuple(store[k].shape) == tuple(a.shape) for k, a in zip(saved_gradients, self.gradients)
+            tuple(np.shape(store[k])) == tuple(a.shape)
+            for k, a in zip(saved_gradients, self.gradients)
         )
         if pending and matches:
             for name in ("micro_step", "window_divisor", "reference_divisor", "window_samples"):
                 getattr(self, name).assign(saved[name])
             for key, accumulator in zip(saved_gradients, self.gradients):
-                accumulator.assign(store[key])
+                accumulator.assign(np.asarray(store[key]))
         else:
             for name in ("micro_step", "window_divisor", "reference_divisor", "window_samples"):
                 variable = getattr(self, name)

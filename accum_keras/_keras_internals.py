@@ -175,8 +175,13 @@ def jit_compile_off(model) -> Iterator[None]:
 
 
 def state_sharding_spec(model) -> Any:
-    """``JAXTrainer._get_state_sharding_spec()``: the layouts of the step's four state lists."""
-    return model._get_state_sharding_spec()
+    """``JAXTrainer._get_state_sharding_spec()``: the layouts of the step's four state lists.
+
+    None on Keras versions without it (before 3.11), which lay out the
+    step's outputs themselves.
+    """
+    method = getattr(model, "_get_state_sharding_spec", None)
+    return None if method is None else method()
 
 
 def distribute_strategy_or_none(model) -> Any:

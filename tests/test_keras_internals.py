@@ -321,4 +321,7 @@ def test_state_sharding_spec():
     model.compile("sgd", "mse")
     model.optimizer.build(model.trainable_variables)
     specs = internals.state_sharding_spec(model)
-    assert len(specs) == 4
+    if hasattr(type(model), "_get_state_sharding_spec"):
+        assert len(specs) == 4
+    else:  # Keras 3.10
+        assert specs is None

@@ -402,8 +402,9 @@ def make_train_function(model):
         if not jit_compile:
             return step
         out_shardings = None
-        if keras.distribution.distribution() is not None:
-            out_shardings = (None, _keras_internals.state_sharding_spec(model))
+        state_sharding = _keras_internals.state_sharding_spec(model)
+        if keras.distribution.distribution() is not None and state_sharding is not None:
+            out_shardings = (None, state_sharding)
         return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
 
     accumulate, accumulate_and_apply = compiled(False), compiled(True)

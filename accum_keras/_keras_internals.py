@@ -180,8 +180,11 @@ def state_sharding_spec(model) -> Any:
     None on Keras versions without it (before 3.11), which lay out the
     step's outputs themselves.
     """
-    method = getattr(model, "_get_state_sharding_spec", None)
-    return None if method is None else method()
+    from keras.src.backend.jax.trainer import JAXTrainer
+
+    if not hasattr(JAXTrainer, "_get_state_sharding_spec"):
+        return None
+    return model._get_state_sharding_spec()
 
 
 def distribute_strategy_or_none(model) -> Any:

@@ -302,6 +302,7 @@ def test_variable_value():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(variable.value), 1.0)
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="only the TensorFlow and JAX train functions use it")
 def test_make_function_and_jit_compile_off():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse", jit_compile=False)

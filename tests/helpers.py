@@ -102,3 +102,24 @@ def xla_by_default() -> Iterator[None]:
         yield
     finally:
         Trainer.compile = original
+
+
+def padded_token_data(samples, length, vocabulary=20, seed=0):
+    """Token ids padded with 0 to random lengths, and per-token class targets."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, length + 1, size=samples)
+    tokens = rng.integers(1, vocabulary, size=(samples, length))
+    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0  # padding
+    targets = rng.integers(0, 3, size=(samples, length))
+    return tokens.astype("int32"), targets.astype("int32")
+
+
+def masked_token_layers(vocabulary=20):
+    """A per-token classifier whose `Embedding(mask_zero=True)` masks the padding."""
+
+    def build():
+        inputs = keras.Input((None,), dtype="int32")
+        embedded = keras.layers.Embedding(vocabulary, 6, mask_zero=True)(inputs)
+        return inputs, keras.layers.Dense(3)(embedded)
+
+    return build

@@ -12,7 +12,9 @@ import tensorflow as tf
 from helpers import (
     assert_same_training,
     functional_twins,
+    masked_token_layers,
     max_relative_difference,
+    padded_token_data,
     regression_data,
     small_regression_layers,
 )
@@ -122,28 +124,10 @@ def test_every_loss_reduction(reduction):
     assert_same_training(accumulating, plain)
 
 
-def token_data(samples=60, length=7, vocabulary=20, seed=0):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, length + 1, size=samples)
-    tokens = rng.integers(1, vocabulary, size=(samples, length))
-    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0  # padding
-    targets = rng.integers(0, 3, size=(samples, length))
-    return tokens.astype("int32"), targets.astype("int32")
-
-
-def token_layers(vocabulary=20):
-    def build():
-        inputs = keras.Input((None,), dtype="int32")
-        embedded = keras.layers.Embedding(vocabulary, 6, mask_zero=True)(inputs)
-        return inputs, keras.layers.Dense(3)(embedded)
-
-    return build
-
-
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "mean_with_sample_weight"])
 def test_masked_per_token_loss_is_normalized_over_the_window(reduction):
-    tokens, targets = token_data()
-    accumulating, plain = functional_twins(token_layers(), K)
+    tokens, targets = padded_token_data(samples=60, length=7)
+    accumulating, plain = functional_twins(masked_token_layers(), K)
     fit_twins(
         accumulating,
         plain,
@@ -294,7 +278,7 @@ def embedding_layers(one_hot=False):
 
 
 def test_sparse_embedding_gradients_with_a_linear_optimizer():
-    tokens, targets = token_data()
+    tokens, targets = padded_token_data(samples=60, length=7)
     targets = targets[:, :1].astype("float32")
     accumulating, plain = functional_twins(embedding_layers(), K)
     fit_twins(
@@ -313,7 +297,7 @@ def test_sparse_embedding_gradients_are_summed_before_the_optimizer():
     # (sum of per-token gradients)^2. Keras' TF Adam given the big batch's
     # IndexedSlices squares each token occurrence instead, so the reference
     # here is the same embedding table written as a dense layer.
-    tokens, targets = token_data()
+    tokens, targets = padded_token_data(samples=60, length=7)
     targets = targets[:, :1].astype("float32")
     keras.utils.set_random_seed(0)
     accumulating, _ = functional_twins(embedding_layers(), K)

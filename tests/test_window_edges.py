@@ -13,7 +13,9 @@ import pytest
 from helpers import (
     assert_same_training,
     functional_twins,
+    masked_token_layers,
     max_relative_difference,
+    padded_token_data,
     regression_data,
     small_regression_layers,
 )
@@ -64,29 +66,11 @@ def test_first_micro_batch_with_all_sample_weights_zero():
     assert_same_training(accumulating, plain)
 
 
-def padded_tokens(samples=64, length=6, vocabulary=20, seed=0):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, length + 1, size=samples)
-    tokens = rng.integers(1, vocabulary, size=(samples, length))
-    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
-    targets = rng.integers(0, 3, size=(samples, length))
-    return tokens.astype("int32"), targets.astype("int32")
-
-
-def masked_token_layers(vocabulary=20):
-    def build():
-        inputs = keras.Input((None,), dtype="int32")
-        embedded = keras.layers.Embedding(vocabulary, 6, mask_zero=True)(inputs)
-        return inputs, keras.layers.Dense(3)(embedded)
-
-    return build
-
-
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "mean_with_sample_weight"])
 def test_first_micro_batch_that_is_all_padding(reduction):
     # Every token of the first micro-batch of windows 1 and 3 is padding, so
     # its divisor (valid tokens) is 0.
-    tokens, targets = padded_tokens()
+    tokens, targets = padded_token_data(samples=64, length=6)
     tokens[0:MICRO] = 0
     tokens[2 * BIG : 2 * BIG + MICRO] = 0
     accumulating, plain = functional_twins(masked_token_layers(), K)
@@ -233,7 +217,7 @@ def test_mean_reduction_with_sample_weights():
 
 
 def test_mean_reduction_with_a_mask():
-    tokens, targets = padded_tokens(samples=60)
+    tokens, targets = padded_token_data(samples=60, length=6)
     accumulating, plain = functional_twins(masked_token_layers(), K)
     fit_twins(
         accumulating,

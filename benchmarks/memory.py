@@ -65,6 +65,7 @@ if __name__ == "__main__" and "--child" not in sys.argv:
 MIB = 1024 * 1024
 ARMS = ("plain b", "plain k*b", "accum_keras b x k")
 BUILTIN = "built-in b x k"
+ONE_STEP = "one-step window k*b"
 RESULT_TAG = "MEMORY_RESULT "
 
 
@@ -107,6 +108,44 @@ def build_cnn(image_size: int, channels: int, head: int, classes: int = 10):
     return inputs, outputs
 
 
+def one_step_window_model(inputs, outputs, accumulation_steps: int):
+    """A prototype, not part of accum_keras: a whole window in one compiled step.
+
+    ``fit(batch_size=k*b)`` hands the step the big batch; a ``tf.while_loop``
+    runs its ``k`` micro-batches one after the other (``parallel_iterations=1``),
+    each one's gradient summed in the loop carry, and the optimizer applies
+    the mean once. Only the memory question is answered here: do the loop's
+    activations stay at one micro-batch's? (Equal micro-batches and an
+    unweighted mean loss, so the mean of the micro-batch gradients is the
+    big batch's.)
+    """
+    import keras
+    import tensorflow as tf
+
+    k = accumulation_steps
+
+    class OneStepWindow(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            b = tf.shape(x)[0] // k
+            variables = self.trainable_variables
+
+            def body(i, sums, loss_sum):
+                xs, ys = x[i * b : (i + 1) * b], y[i * b : (i + 1) * b]
+                with tf.GradientTape() as tape:
+                    loss = self.compute_loss(x=xs, y=ys, y_pred=self(xs, training=True))
+                gradients = tape.gradient(loss, variables)
+                sums = [s + g / k for s, g in zip(sums, gradients)]
+                return i + 1, sums, loss_sum + loss / k
+
+            start = (tf.constant(0), [tf.zeros_like(v) for v in variables], tf.constant(0.0))
+            _, sums, loss = tf.while_loop(lambda i, *_: i < k, body, start, parallel_iterations=1)
+            self.optimizer.apply(sums, variables)
+            return {"loss": loss}
+
+    return OneStepWindow(inputs, outputs)
+
+
 def child(args) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -122,6 +161,9 @@ def child(args) -> None:
     if args.child == "accum_keras b x k":
         model = accum_keras.Model(inputs, outputs, accumulation_steps=k)
         batch_size = b
+    elif args.child == ONE_STEP:
+        model = one_step_window_model(inputs, outputs, k)
+        batch_size = k * b
     elif args.child == BUILTIN:
         model = keras.Model(inputs, outputs)
         batch_size = b
@@ -229,6 +271,8 @@ def parent(args) -> None:
     start = time.perf_counter()
     print(f"accum_keras: {library_revision()}", flush=True)
     arms = (*ARMS, BUILTIN) if args.builtin else ARMS
+    if args.one_step:
+        arms = (*arms, ONE_STEP)
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for round_ in range(args.repeats):
         shift = round_ % len(arms)
@@ -253,8 +297,8 @@ def parent(args) -> None:
     )
     print("| arm | batch per step | steps per update | peak - baseline MiB | vs plain b MiB |")
     print("|---|---:|---:|---:|---:|")
-    batch = {"plain b": b, "plain k*b": k * b, "accum_keras b x k": b, BUILTIN: b}
-    steps = {"plain b": 1, "plain k*b": 1, "accum_keras b x k": k, BUILTIN: k}
+    batch = {"plain b": b, "plain k*b": k * b, "accum_keras b x k": b, BUILTIN: b, ONE_STEP: k * b}
+    steps = {"plain b": 1, "plain k*b": 1, "accum_keras b x k": k, BUILTIN: k, ONE_STEP: 1}
     for arm in arms:
         deltas = [r["delta"] for r in results[arm]]
         spread = f" ({mib(min(deltas))}..{mib(max(deltas))})" if len(deltas) > 1 else ""
@@ -303,11 +347,17 @@ def parse_args(argv=None):
         "(on by default with --full)",
     )
     parser.add_argument(
+        "--one-step",
+        action="store_true",
+        help="add an arm: a prototype (not in accum_keras) that runs a whole window of k "
+        "micro-batches in one compiled step (tf.while_loop) on fit(batch_size=k*b)",
+    )
+    parser.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="leave glibc malloc's defaults in the children (noisier on CPU)",
     )
-    parser.add_argument("--child", choices=(*ARMS, BUILTIN), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*ARMS, BUILTIN, ONE_STEP), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 16 if args.full else 8

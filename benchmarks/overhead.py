@@ -14,19 +14,35 @@ Every arm trains with ``model.fit`` on in-memory numpy arrays, one epoch of
 ``steps`` micro-batches per call (``steps`` is a multiple of ``k``, so windows
 never straddle two calls). A first short ``fit`` of every arm traces (and, with
 XLA, compiles) the step and is not timed. Then the arms take turns, one epoch
-each, ``repeats`` times, in an order rotated every round so that slow drift of
-the machine (other jobs, thermal state) is shared between the arms. A callback
+each, ``repeats`` rounds, in an order rotated every round. A callback
 time-stamps the end of every micro-batch; the time of a window runs from the
 end of the previous window to the end of its own, so it holds exactly ``k``
 micro-batches and one optimizer update (the same ``k`` micro-batches hold ``k``
 updates in the plain arm). The first window of every epoch, which also holds
-``fit()``'s set-up, is left out. The table reports the median over all timed
-windows of an arm, divided by ``k``: milliseconds per micro-batch. The
-median of the windows resists the bursts of other jobs on a shared machine;
-``spread`` is (max - min) / median of the per-epoch medians, a rough noise
-level. accum/built-in and accum/plain are the ratios of the medians. A second
-table gives the same windows in process CPU time (all threads), which other
-jobs on a shared machine disturb less than the wall clock.
+``fit()``'s set-up, is left out. The ms columns are the median over all
+timed windows of an arm, divided by ``k``: milliseconds per micro-batch.
+
+Ratios are paired by round: each round divides one arm's median window by
+the other arm's median window *of the same round*, so drift of the machine
+(other jobs, other virtual machines on the host) cancels as long as it is
+slower than a round. Rounds are therefore short (by default an epoch is two
+windows, one of them timed) and many. A ratio is the median of its per-round
+values, with an interval of order statistics around it, ``[lo, hi]``, that
+holds the true median ratio with at least 90 % probability (the sign-test
+interval: it assumes nothing about the noise but independent rounds). A goal
+such as "accum/built-in <= 0.98" is shown when ``hi`` <= 0.98, refuted when
+``lo`` > 0.98, and undecided otherwise: then time more ``--repeats``. A second
+table gives the same ratios in process CPU time (all threads).
+
+Threads: by default (``--threads 1``) the process and its subprocesses are
+pinned to one core and TensorFlow and PyTorch compute on one thread, so a
+ratio compares the work each arm does. On a small shared machine thread
+pools make the arms compete with each other's and other jobs' threads: with
+TensorFlow's defaults the per-epoch times of the CNN spread by 20-50 % on a
+2-core machine, with one thread by 4-8 %. They also change the ratios in
+ways that are not about the work: on JAX the CNN's accumulating step used
+more threads less well than the built-in's (same CPU time, 1.12x the wall
+time) on two cores. ``--threads 0`` keeps each library's default.
 
 The floor
 ---------
@@ -59,15 +75,17 @@ XLA and backends
 ``"auto"`` picks on a GPU), ``--xla off`` with ``jit_compile=False``, and
 ``--xla both`` (the default) times both. On CPU-only machines Keras resolves
 ``jit_compile="auto"`` to ``False``, so ``--jit auto`` is reported as that
-program instead of being timed twice. ``--backends tensorflow,jax`` (the
-default) also times the three arms on JAX, in a subprocess (Keras fixes its
-backend at import); JAX always compiles with XLA, so its row is XLA whatever
-``--xla`` says, and its floor columns are left empty (they are measured with
-TensorFlow).
+program instead of being timed twice. ``--backends`` (default
+``tensorflow,jax,torch``) times the three arms on each backend, the ones
+other than this process's in subprocesses (Keras fixes its backend at
+import). JAX always compiles with XLA, so its row is XLA whatever ``--xla``
+says; PyTorch runs eagerly (its ``jit_compile=True`` is ``torch.compile``,
+opt-in, not timed here). The floor columns are measured with TensorFlow and
+left empty on the other backends.
 
 Usage::
 
-    python benchmarks/overhead.py                      # quick: TF without and with XLA, JAX
+    python benchmarks/overhead.py                      # quick: TF without and with XLA, JAX, torch
     python benchmarks/overhead.py --xla on --models mlp -b 32 -k 8
     python benchmarks/overhead.py --full               # bigger models, more steps and repeats
 """
@@ -77,6 +95,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import shlex
 import statistics
@@ -87,6 +106,12 @@ import time
 if __name__ == "__main__":
     # The command line first, before TensorFlow's start-up logs.
     print("$ " + shlex.join(sys.orig_argv), flush=True)
+    # `--threads 1` (the default): pin the process to one core before any
+    # backend starts its thread pools, which inherit the pinning (XLA's
+    # thread pools on CPU cannot be sized otherwise).
+    _command = " ".join(sys.argv[1:]) + " "
+    if "--threads 0 " not in _command and "--threads=0 " not in _command:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
@@ -97,6 +122,37 @@ from _revision import library_revision
 import accum_keras
 
 ARMS = ("plain", "built-in", "accum_keras")
+RATIOS = (("accum_keras", "built-in"), ("accum_keras", "plain"))
+CONFIDENCE = 0.9
+
+
+# -- statistics -------------------------------------------------------------
+
+
+def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """An interval of order statistics that holds the median with at least ``confidence``.
+
+    The sign-test interval: with ``n`` independent values, the median lies
+    between the ``j``-th smallest and the ``j``-th largest with probability
+    1 - 2 P(Binomial(n, 1/2) < j). The widest ``j`` that keeps that
+    probability at or above ``confidence`` is used; with fewer than 5 values
+    (no ``j`` qualifies at 90 %) it is the range.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    chosen = 1
+    for j in range(1, n // 2 + 1):
+        outside = 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
+        if 1 - outside >= confidence:
+            chosen = j
+    return ordered[chosen - 1], ordered[n - chosen]
+
+
+def paired_ratio(per_round: dict[str, list[float]], top: str, bottom: str) -> dict:
+    """The median and interval of ``top / bottom`` over rounds, paired by round."""
+    ratios = [a / b for a, b in zip(per_round[top], per_round[bottom])]
+    lo, hi = median_interval(ratios)
+    return {"median": statistics.median(ratios), "lo": lo, "hi": hi}
 
 
 # -- models -----------------------------------------------------------------
@@ -259,14 +315,20 @@ def run_case(name, build, args, jit_label, jit_compile):
             else:
                 epochs[item].append(time_epoch(models[item], x, y, args.batch_size, args.k))
 
-    # Per-window times pooled over the epochs; per-epoch medians for the spread.
+    # Per-window times pooled over the rounds; per-round medians for the
+    # paired ratios.
     wall = {arm: [w for e in es for w, _ in e] for arm, es in epochs.items()}
     cpu = {arm: [c for e in es for _, c in e] for arm, es in epochs.items()}
     epoch_medians = {
         arm: [statistics.median(w for w, _ in e) for e in es] for arm, es in epochs.items()
     }
+    epoch_cpu_medians = {
+        arm: [statistics.median(c for _, c in e) for e in es] for arm, es in epochs.items()
+    }
     medians = {arm: statistics.median(t) for arm, t in wall.items()}
     cpu_medians = {arm: statistics.median(t) for arm, t in cpu.items()}
+    ratios = {f"{a}/{b}": paired_ratio(epoch_medians, a, b) for a, b in RATIOS}
+    cpu_ratios = {f"{a}/{b}": paired_ratio(epoch_cpu_medians, a, b) for a, b in RATIOS}
     update_s = statistics.median(parts["opt"]) if parts["opt"] else None
     add_s = statistics.median(parts["add"]) if parts["add"] else None
     floor = None
@@ -276,10 +338,6 @@ def run_case(name, build, args, jit_label, jit_compile):
     accumulating = models["accum_keras"]
     assert accumulating.pending_micro_steps == 0
     assert len(accumulating._accumulation_state.gradients) == len(accumulating.trainable_variables)
-    spread = {
-        arm: (max(t) - min(t)) / statistics.median(t) if len(t) > 1 else 0.0
-        for arm, t in epoch_medians.items()
-    }
     jit = jit_label if str(resolved).lower() == jit_label else f"{jit_label} (={resolved})"
     return {
         "model": name,
@@ -288,7 +346,8 @@ def run_case(name, build, args, jit_label, jit_compile):
         "params": params,
         "medians": medians,
         "cpu_medians": cpu_medians,
-        "spread": spread,
+        "ratios": ratios,
+        "cpu_ratios": cpu_ratios,
         "update_s": update_s,
         "add_s": add_s,
         "floor": floor,
@@ -299,31 +358,35 @@ def ms(seconds: float | None) -> str:
     return "" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
+def ratio(r: dict) -> str:
+    return f"{r['median']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+
+
 def print_table(rows, args):
     print(
         f"\nmicro-batch b={args.batch_size}, k={args.k}, optimizer={args.optimizer}, "
-        f"{args.steps} micro-batches per epoch, {args.repeats} timed epochs per arm; "
-        "ms per micro-batch = median over the timed windows / k (wall clock); "
-        "spread = (max - min) / median of the per-epoch medians\n"
+        f"{args.steps} micro-batches per epoch, {args.repeats} timed rounds (one epoch per "
+        f"arm each), threads={args.threads or 'library default'}; ms per micro-batch = "
+        "median over the timed windows / k (wall clock); ratios: median over rounds "
+        f"[{CONFIDENCE:.0%} interval], paired by round\n"
     )
     print(
         "| model | backend | jit_compile | params | plain ms | built-in ms | accum_keras ms "
-        "| accum/built-in | accum/plain | opt update ms | add ms | floor ms | spread p/b/a |"
+        "| accum/built-in | accum/plain | opt update ms | add ms | floor ms |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         m = r["medians"]
-        spread = "/".join(f"{r['spread'][arm]:.0%}" for arm in ARMS)
         print(
             f"| {r['model']} | {r['backend']} | {r['jit']} | {r['params'] / 1e6:.2f}M "
-            f"| {ms(m['plain'])} "
-            f"| {ms(m['built-in'])} | {ms(m['accum_keras'])} "
-            f"| {m['accum_keras'] / m['built-in']:.3f} | {m['accum_keras'] / m['plain']:.3f} "
-            f"| {ms(r['update_s'])} | {ms(r['add_s'])} | {ms(r['floor'])} | {spread} |"
+            f"| {ms(m['plain'])} | {ms(m['built-in'])} | {ms(m['accum_keras'])} "
+            f"| {ratio(r['ratios']['accum_keras/built-in'])} "
+            f"| {ratio(r['ratios']['accum_keras/plain'])} "
+            f"| {ms(r['update_s'])} | {ms(r['add_s'])} | {ms(r['floor'])} |"
         )
     print(
-        "\nThe same windows in process CPU time (all threads; less sensitive to other "
-        "jobs on a shared machine, but it counts the thread pools' spin-waiting):\n"
+        "\nThe same rounds in process CPU time (all threads; less sensitive to other "
+        "jobs on a shared machine, but it counts thread pools' spin-waiting):\n"
     )
     print(
         "| model | backend | jit_compile | plain CPU ms | built-in CPU ms | accum_keras CPU ms "
@@ -334,9 +397,9 @@ def print_table(rows, args):
         c = r["cpu_medians"]
         print(
             f"| {r['model']} | {r['backend']} | {r['jit']} | {ms(c['plain'])} "
-            f"| {ms(c['built-in'])} "
-            f"| {ms(c['accum_keras'])} | {c['accum_keras'] / c['built-in']:.3f} "
-            f"| {c['accum_keras'] / c['plain']:.3f} |"
+            f"| {ms(c['built-in'])} | {ms(c['accum_keras'])} "
+            f"| {ratio(r['cpu_ratios']['accum_keras/built-in'])} "
+            f"| {ratio(r['cpu_ratios']['accum_keras/plain'])} |"
         )
 
 
@@ -347,7 +410,7 @@ def parse_args(argv=None):
     parser.add_argument("-k", type=int, default=4, help="accumulation steps k")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--steps", type=int, help="micro-batches per timed epoch (multiple of k)")
-    parser.add_argument("--repeats", type=int, help="timed epochs per arm")
+    parser.add_argument("--repeats", type=int, help="timed rounds (one epoch per arm each)")
     parser.add_argument(
         "--xla",
         choices=("off", "on", "both"),
@@ -362,23 +425,29 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--backends",
-        default="tensorflow,jax",
-        help="comma-separated Keras backends among tensorflow, jax "
-        "(default both; each other than this process's runs in a subprocess)",
+        default="tensorflow,jax,torch",
+        help="comma-separated Keras backends among tensorflow, jax, torch "
+        "(default all three; each other than this process's runs in a subprocess)",
     )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--models", default="cnn,mlp", help="comma-separated models among cnn, mlp")
     parser.add_argument(
-        "--threads", type=int, default=0, help="TF intra-op threads (0: TF default)"
+        "--models", default="cnn,mlp", help="comma-separated models among cnn, mlp, tiny"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="1 (default): every backend computes on one thread; 0: each library's default",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.jit is None:
         args.jit = {"off": "false", "on": "true", "both": "false,true"}[args.xla]
     if args.steps is None:
-        args.steps = 64 if args.full else 24
+        args.steps = 2 * args.k
     if args.repeats is None:
-        args.repeats = 9 if args.full else 5
+        args.repeats = 61 if args.full else 21
     args.micro_repeats = 5 if args.full else 3
     if args.steps % args.k or args.steps < 2 * args.k:
         parser.error("--steps must be a multiple of k and at least 2k")
@@ -424,9 +493,20 @@ def main(argv=None):
         print_table(rows, args)
 
 
+def use_one_thread() -> None:
+    """One thread per op pool (TensorFlow's, torch's); the process is pinned to one core."""
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+
+
 def main_rows(args) -> list[dict]:
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    if args.threads == 1:
+        use_one_thread()
     print(
         f"keras {keras.__version__} on {keras.backend.backend()}, tensorflow {tf.__version__}, "
         f"accum_keras {accum_keras.__version__} ({library_revision()}), devices: "
@@ -442,12 +522,17 @@ def main_rows(args) -> list[dict]:
             "MLP 4x2048" if args.full else "MLP 3x2048",
             lambda: mlp_layers(1024, 2048, 4 if args.full else 3),
         ),
+        # Almost no compute: what is left is each arm's fixed cost per step.
+        "tiny": ("MLP 2x16", lambda: mlp_layers(16, 16, 2)),
     }
     modes = {"false": False, "auto": "auto", "true": True}
     jit_labels = args.jit.split(",")
     if keras.backend.backend() == "jax":
         # JAX always compiles with XLA (jit_compile=False would run op by op).
         jit_labels = ["auto"]
+    elif keras.backend.backend() == "torch":
+        # torch.compile (jit_compile=True) is opt-in; users train eagerly.
+        jit_labels = ["false"]
     rows = []
     start = time.perf_counter()
     for model_name in args.models.split(","):

@@ -182,6 +182,17 @@ def mlp_layers(features: int, width: int, depth: int, classes: int = 10):
     return inputs, outputs, (features,), classes
 
 
+def mobilenet_layers(image_size: int, classes: int = 10):
+    """keras.applications' MobileNetV3Small (random weights): a real network with BatchNorm."""
+    network = keras.applications.MobileNetV3Small(
+        input_shape=(image_size, image_size, 3),
+        weights=None,
+        classes=classes,
+        classifier_activation=None,
+    )
+    return network.input, network.output, (image_size, image_size, 3), classes
+
+
 def make_optimizer(name: str, accumulation_steps: int | None):
     kwargs = {"gradient_accumulation_steps": accumulation_steps} if accumulation_steps else {}
     if name == "adam":
@@ -431,7 +442,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--models", default="cnn,mlp", help="comma-separated models among cnn, mlp, tiny"
+        "--models", default="cnn,mlp", help="comma-separated models among cnn, mlp, mobilenet, tiny"
     )
     parser.add_argument(
         "--threads",
@@ -522,6 +533,7 @@ def main_rows(args) -> list[dict]:
             "MLP 4x2048" if args.full else "MLP 3x2048",
             lambda: mlp_layers(1024, 2048, 4 if args.full else 3),
         ),
+        "mobilenet": ("MobileNetV3Small 64px", lambda: mobilenet_layers(64)),
         # Almost no compute: what is left is each arm's fixed cost per step.
         "tiny": ("MLP 2x16", lambda: mlp_layers(16, 16, 2)),
     }

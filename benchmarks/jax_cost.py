@@ -81,12 +81,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", "-b", type=int, default=16)
     parser.add_argument("-k", type=int, default=4)
     args = parser.parse_args(argv)
-    builders = {
-        "cnn": ("CNN 32px", lambda: overhead.cnn_layers(32, 32)),
-        "mlp": ("MLP 3x2048", lambda: overhead.mlp_layers(1024, 2048, 3)),
-        "mobilenet": ("MobileNetV3Small 64px", lambda: overhead.mobilenet_layers(64)),
-        "tiny": ("MLP 2x16", lambda: overhead.mlp_layers(16, 16, 2)),
-    }
+    builders = overhead.model_builders()
     print(f"jax {jax.__version__}, micro-batch {args.batch_size}, k = {args.k}, Adam\n")
     print("| model | program | GFLOP | MB accessed | vs plain (FLOP / bytes) |")
     print("|---|---|---:|---:|---:|")

@@ -87,7 +87,7 @@ Usage::
 
     python benchmarks/overhead.py                      # quick: TF without and with XLA, JAX, torch
     python benchmarks/overhead.py --xla on --models mlp -b 32 -k 8
-    python benchmarks/overhead.py --full               # bigger models, more steps and repeats
+    python benchmarks/overhead.py --full               # bigger models, more rounds
 """
 
 from __future__ import annotations
@@ -134,9 +134,10 @@ def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tupl
 
     The sign-test interval: with ``n`` independent values, the median lies
     between the ``j``-th smallest and the ``j``-th largest with probability
-    1 - 2 P(Binomial(n, 1/2) < j). The widest ``j`` that keeps that
-    probability at or above ``confidence`` is used; with fewer than 5 values
-    (no ``j`` qualifies at 90 %) it is the range.
+    1 - 2 P(Binomial(n, 1/2) < j). The largest ``j`` (the tightest interval)
+    that keeps that probability at or above ``confidence`` is used. With
+    fewer than 5 values even the range holds the median with less than 90 %
+    probability; the range is returned then.
     """
     ordered = sorted(values)
     n = len(ordered)
@@ -191,6 +192,23 @@ def mobilenet_layers(image_size: int, classes: int = 10):
         classifier_activation=None,
     )
     return network.input, network.output, (image_size, image_size, 3), classes
+
+
+def model_builders(full: bool = False) -> dict:
+    """``{name: (label, build)}`` of the benchmark's models; ``full``: the bigger ones."""
+    return {
+        "cnn": (
+            "CNN 64px" if full else "CNN 32px",
+            lambda: cnn_layers(64 if full else 32, 32),
+        ),
+        "mlp": (
+            "MLP 4x2048" if full else "MLP 3x2048",
+            lambda: mlp_layers(1024, 2048, 4 if full else 3),
+        ),
+        "mobilenet": ("MobileNetV3Small 64px", lambda: mobilenet_layers(64)),
+        # Almost no compute: what is left is each arm's fixed cost per step.
+        "tiny": ("MLP 2x16", lambda: mlp_layers(16, 16, 2)),
+    }
 
 
 def make_optimizer(name: str, accumulation_steps: int | None):
@@ -416,7 +434,7 @@ def print_table(rows, args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="bigger models, more steps/repeats")
+    parser.add_argument("--full", action="store_true", help="bigger models, more rounds")
     parser.add_argument("--batch-size", "-b", type=int, default=16, help="micro-batch size b")
     parser.add_argument("-k", type=int, default=4, help="accumulation steps k")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
@@ -524,19 +542,7 @@ def main_rows(args) -> list[dict]:
         + ", ".join(d.name for d in tf.config.list_physical_devices()),
         flush=True,
     )
-    builders = {
-        "cnn": (
-            "CNN 64px" if args.full else "CNN 32px",
-            lambda: cnn_layers(64 if args.full else 32, 32),
-        ),
-        "mlp": (
-            "MLP 4x2048" if args.full else "MLP 3x2048",
-            lambda: mlp_layers(1024, 2048, 4 if args.full else 3),
-        ),
-        "mobilenet": ("MobileNetV3Small 64px", lambda: mobilenet_layers(64)),
-        # Almost no compute: what is left is each arm's fixed cost per step.
-        "tiny": ("MLP 2x16", lambda: mlp_layers(16, 16, 2)),
-    }
+    builders = model_builders(args.full)
     modes = {"false": False, "auto": "auto", "true": True}
     jit_labels = args.jit.split(",")
     if keras.backend.backend() == "jax":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,7 +51,7 @@ def step_programs(arm: str, model) -> dict:
     }
 
 
-def costs(name: str, build, batch_size: int, k: int) -> list[tuple[str, float, float]]:
+def costs(build, batch_size: int, k: int) -> list[tuple[str, float, float]]:
     _, _, input_shape, classes = build()
     rng = np.random.default_rng(0)
     samples = 2 * k * batch_size
@@ -87,14 +86,13 @@ def main(argv=None) -> None:
     print("|---|---|---:|---:|---:|")
     for key in args.models.split(","):
         label, build = builders[key]
-        rows = costs(label, build, args.batch_size, args.k)
+        rows = costs(build, args.batch_size, args.k)
         _, plain_flops, plain_bytes = rows[0]
         for program, flops, accessed in rows:
             print(
                 f"| {label} | {program} | {flops / 1e9:.3f} | {accessed / 1e6:.1f} "
                 f"| {flops / plain_flops:.3f} / {accessed / plain_bytes:.3f} |"
             )
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ PyTorch.)
 """
 
 import os
+import sys
 
 import keras
 import pytest
@@ -28,7 +29,7 @@ def _xla_when_asked():
 
 def pytest_terminal_summary(terminalreporter):
     """Shows what each other backend's suite (run in a subprocess) counted."""
-    suites = __import__("sys").modules.get("test_backend_suites")
+    suites = sys.modules.get("test_backend_suites")
     results = getattr(suites, "BACKEND_RESULTS", None)
     if results:
         terminalreporter.section("the suite on the other backends")

@@ -37,6 +37,7 @@ SUITE = [
     "tests/test_window_state_machine.py",
     "tests/test_window_edges.py",
     "tests/test_custom_train_step.py",
+    "tests/test_composition_apply.py",
     "tests/test_keras_internals.py",
 ]
 SPECIFICS = {

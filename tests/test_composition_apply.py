@@ -212,7 +212,7 @@ def _custom_step(model, data):
     variables = model.trainable_variables
 
     def loss_fn():
-        return ops.mean(ops.square(model(x, training=True) - y))
+        return ops.mean(ops.square(ops.subtract(model(x, training=True), y)))
 
     loss, gradients = _gradients(model, loss_fn, variables)
     with _no_grad():

@@ -1,4 +1,4 @@
-"""`accumulate`: an accumulating twin of a model you already have.
+"""`accumulate` and `clone_model`: accumulating models from models you already have.
 
 Functional models (``keras.applications`` networks, most loaded ``.keras``
 files) and built ``Sequential`` models are graphs of layers: an
@@ -17,7 +17,7 @@ import keras
 
 from accum_keras import _keras_internals
 from accum_keras._config import check_accumulation_steps
-from accum_keras._model import AccumulatingModel, Model
+from accum_keras._model import AccumulatingModel, Model, copy_model_options
 
 
 def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
@@ -32,9 +32,12 @@ def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
 
     Returns:
         An `accum_keras.Model` sharing ``model``'s layers (and therefore its
-        weights). If ``model`` is compiled, the twin is compiled with the same
-        loss, metrics and optimizer object (its state included); otherwise it
-        is uncompiled.
+        weights). If ``model`` is compiled, the twin is compiled with the very
+        objects it was compiled with (losses and metrics, registered or not,
+        ``loss_weights``, ``weighted_metrics``, and the optimizer with its
+        state, wrapped in a `LossScaleOptimizer` or not) and its current
+        ``run_eagerly``, ``jit_compile`` and ``steps_per_execution``;
+        otherwise it is uncompiled.
 
     Raises:
         TypeError: for subclassed models and subclasses of functional models
@@ -76,10 +79,76 @@ def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
         )
     twin = Model(model.inputs, model.outputs, name=model.name, accumulation_steps=steps)
     if model.compiled:
-        config = keras.saving.deserialize_keras_object(model.get_compile_config())
-        config["optimizer"] = model.optimizer
-        twin.compile(**config)
+        twin.compile(**_compile_arguments(model))
     return twin
+
+
+def clone_model(model: keras.Model, **kwargs) -> keras.Model:
+    """`keras.models.clone_model` that keeps an accumulating model accumulating.
+
+    Keras clones a `Sequential` as a plain `keras.Sequential` and a functional
+    model through its class's constructor with the graph alone, so
+    `keras.models.clone_model` returns a model that trains with
+    ``accumulation_steps=1`` (see docs/your-model.md). This function returns
+    a clone of the same class with the same model options
+    (``accumulation_steps``, ``skip_nonfinite_updates``). Like Keras' clone,
+    its layers are new (freshly initialized unless ``clone_function`` says
+    otherwise) and it is compiled as ``model`` was, with a new optimizer.
+    Other models are cloned by Keras unchanged.
+
+    Args:
+        model: the model to clone.
+        **kwargs: `keras.models.clone_model`'s other arguments
+            (``input_tensors``, ``clone_function``, ``call_function``,
+            ``recursive``).
+
+    Returns:
+        The clone.
+
+    Example:
+
+    ```python
+    clone = accum_keras.clone_model(model)
+    clone.set_weights(model.get_weights())
+    ```
+    """
+    clone = keras.models.clone_model(model, **kwargs)
+    if not isinstance(model, AccumulatingModel):
+        return clone
+    if not isinstance(clone, AccumulatingModel):
+        # Keras rebuilt the Sequential as a plain one: the same new layers,
+        # in the model's own class.
+        plain = clone
+        clone = type(model)(
+            _keras_internals.sequential_layers(plain), name=plain.name, trainable=plain.trainable
+        )
+        if plain.compiled:
+            clone.compile(**_compile_arguments(plain))
+    copy_model_options(model, clone)
+    return clone
+
+
+def _compile_arguments(model: keras.Model) -> dict:
+    """What ``model`` was compiled with, as objects, to compile its twin the same way.
+
+    The objects themselves, not a round trip through their serialized form:
+    a loss or metric defined in the user's script (a function, a lambda, a
+    closure, an unregistered class) cannot be deserialized.
+    """
+    arguments = _keras_internals.compile_arguments(model)
+    if arguments is None:
+        arguments = keras.saving.deserialize_keras_object(model.get_compile_config())
+    arguments.update(
+        # The optimizer object with its state, already wrapped in a
+        # LossScaleOptimizer or not: compiling must not wrap it again.
+        optimizer=model.optimizer,
+        auto_scale_loss=False,
+        # The settings as they are now (they can be reassigned after compile).
+        run_eagerly=model.run_eagerly,
+        jit_compile=model.jit_compile,
+        steps_per_execution=model.steps_per_execution,
+    )
+    return arguments
 
 
 def _has_graph(model: keras.Model) -> bool:

@@ -39,6 +39,7 @@ SUITE = [
     "tests/test_custom_train_step.py",
     "tests/test_composition_apply.py",
     "tests/test_keras_internals.py",
+    "tests/test_composition_config.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

@@ -149,6 +149,7 @@ class AccumulationState(KerasSaveable):
                 # crosses replicas until the window is applied.
                 synchronization="on_read",
                 aggregation="sum",
+                layout=layout_of(v),
             )
             for v in trainable_variables
         ]
@@ -255,6 +256,26 @@ def count_samples(low: Any, blocks: Any, samples: Any) -> tuple[Any, Any]:
     total = low + keras.ops.cast(samples, "int32")
     carry = keras.ops.cast(total >= SAMPLES_BLOCK, "int32")
     return total - carry * SAMPLES_BLOCK, blocks + carry
+
+
+def layout_of(variable: Any) -> Any:
+    """The layout a per-variable accumulator takes: its variable's.
+
+    Like Keras' ``Optimizer.add_variable_from_reference`` for the optimizer's
+    slots. Without it a JAX accumulator would get its layout from the active
+    distribution by its own path, which a `keras.distribution.LayoutMap`
+    written for the model's variables does not match: it would be replicated
+    where its variable is sharded. ``None`` (no distribution, or a backend
+    whose variables carry no layout) lets the variable decide as before.
+
+    Args:
+        variable: the trainable variable the accumulator belongs to.
+
+    Returns:
+        The variable's `keras.distribution.TensorLayout` (or backend
+        layout), or ``None``.
+    """
+    return getattr(variable, "_layout", None)
 
 
 def _zeros(shape, dtype: str, name: str, **distribution):

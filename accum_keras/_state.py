@@ -149,7 +149,7 @@ class AccumulationState(KerasSaveable):
                 # crosses replicas until the window is applied.
                 synchronization="on_read",
                 aggregation="sum",
-                layout=layout_of(v),
+                **_same_layout(v),
             )
             for v in trainable_variables
         ]
@@ -258,24 +258,25 @@ def count_samples(low: Any, blocks: Any, samples: Any) -> tuple[Any, Any]:
     return total - carry * SAMPLES_BLOCK, blocks + carry
 
 
-def layout_of(variable: Any) -> Any:
-    """The layout a per-variable accumulator takes: its variable's.
+def _same_layout(variable: Any) -> dict:
+    """The layout argument that puts an accumulator where its variable is.
 
     Like Keras' ``Optimizer.add_variable_from_reference`` for the optimizer's
     slots. Without it a JAX accumulator would get its layout from the active
     distribution by its own path, which a `keras.distribution.LayoutMap`
     written for the model's variables does not match: it would be replicated
-    where its variable is sharded. ``None`` (no distribution, or a backend
-    whose variables carry no layout) lets the variable decide as before.
+    where its variable is sharded. Empty when the variable has no layout (no
+    distribution, TensorFlow, PyTorch): Keras 3.10's TensorFlow and PyTorch
+    variables take no ``layout`` argument.
 
     Args:
         variable: the trainable variable the accumulator belongs to.
 
     Returns:
-        The variable's `keras.distribution.TensorLayout` (or backend
-        layout), or ``None``.
+        ``{"layout": the variable's layout}``, or ``{}``.
     """
-    return getattr(variable, "_layout", None)
+    layout = getattr(variable, "_layout", None)
+    return {} if layout is None else {"layout": layout}
 
 
 def _zeros(shape, dtype: str, name: str, **distribution):

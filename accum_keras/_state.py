@@ -152,6 +152,7 @@ class AccumulationState(KerasSaveable):
                 # crosses replicas until the window is applied.
                 synchronization="on_read",
                 aggregation="sum",
+                **_same_layout(v),
             )
             for v in trainable_variables
         ]
@@ -264,6 +265,27 @@ def count_samples(low: Any, blocks: Any, samples: Any) -> tuple[Any, Any]:
     total = low + keras.ops.cast(samples, "int32")
     carry = keras.ops.cast(total >= SAMPLES_BLOCK, "int32")
     return total - carry * SAMPLES_BLOCK, blocks + carry
+
+
+def _same_layout(variable: Any) -> dict:
+    """The layout argument that puts an accumulator where its variable is.
+
+    Like Keras' ``Optimizer.add_variable_from_reference`` for the optimizer's
+    slots. Without it a JAX accumulator would get its layout from the active
+    distribution by its own path, which a `keras.distribution.LayoutMap`
+    written for the model's variables does not match: it would be replicated
+    where its variable is sharded. Empty when the variable has no layout (no
+    distribution, TensorFlow, PyTorch): Keras 3.10's TensorFlow and PyTorch
+    variables take no ``layout`` argument.
+
+    Args:
+        variable: the trainable variable the accumulator belongs to.
+
+    Returns:
+        ``{"layout": the variable's layout}``, or ``{}``.
+    """
+    layout = getattr(variable, "_layout", None)
+    return {} if layout is None else {"layout": layout}
 
 
 def _zeros(shape, dtype: str, name: str, **distribution):

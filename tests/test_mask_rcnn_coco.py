@@ -254,7 +254,11 @@ def test_ground_truth_as_detections_scores_ap_one_in_original_terms(dataset):
 
 def test_train_from_coco_files_and_evaluate(dataset, tmp_path):
     """The command line path: train a few steps from files on disk, evaluate
-    with pycocotools against the val JSON, detections in original ids."""
+    with pycocotools against the val JSON, detections in original ids.
+
+    Every image is trained on: 5 images in micro-batches of 2 end with a
+    micro-batch of 1 image, and accumulation_steps 2 with a window of 1
+    micro-batch, which the epoch's end applies."""
     json_path, image_dir, content = dataset
     args = ["--smoke", "--train-json", str(json_path), "--train-images", str(image_dir),
             "--val-json", str(json_path), "--val-images", str(image_dir), "--image-size", str(SIZE),
@@ -263,14 +267,140 @@ def test_train_from_coco_files_and_evaluate(dataset, tmp_path):
     settings = dataclasses.replace(settings, stages=settings.stages[-1:])  # one stage: faster
     summary = train.train(settings, verbose=0)
     assert summary["model"]["num_classes"] == 3 and summary["model"]["image_size"] == SIZE
-    assert summary["images_seen"] == 4  # 5 images, micro-batches of 2, last one dropped
-    assert summary["optimizer_updates"] == 1
-    assert all(math.isfinite(v) for v in summary["history"][0]["loss"])
+    stage = summary["history"][0]
+    assert summary["images_seen"] == 5
+    assert summary["optimizer_updates"] == stage["optimizer_updates"] == 2  # windows 2+2, 1
+    # What the model counted (the callback's epoch log: images per update).
+    assert stage["effective_batch_size"][-1] * stage["optimizer_updates"] == 5
+    assert all(math.isfinite(v) for v in stage["loss"])
     assert all(0.0 <= v <= 1.0 for v in summary["metrics"].values())
     results = json.loads((tmp_path / "val_detections.json").read_text())
     assert {r["image_id"] for r in results} <= {101, 205, 309, 412, 7}
     assert {r["category_id"] for r in results} <= {5, 17, 90}
     assert (tmp_path / "predictions.png").stat().st_size > 1000
+
+
+# PIL's ``exif_transpose`` turns a stored image by these; each one's inverse
+# makes the stored image from the displayed one.
+EXIF_TURNS = {
+    1: (None, None),
+    2: (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_LEFT_RIGHT),
+    3: (Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_180),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.FLIP_TOP_BOTTOM),
+    5: (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSPOSE),
+    6: (Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_90),
+    7: (Image.Transpose.TRANSVERSE, Image.Transpose.TRANSVERSE),
+    8: (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270),
+}
+
+
+def _write_exif_dataset(folder, stored_size_in_json=False):
+    """One displayed 40 x 24 image with a red rectangle, stored under each EXIF
+    orientation (PNG; orientation 6, the usual phone photo, also as JPEG), with
+    the annotation in the displayed frame as labelling tools write it."""
+    from PIL import ImageOps
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    h, w = 24, 40
+    pixels = np.random.default_rng(0).integers(0, 60, (h, w, 3)).astype(np.uint8)
+    rect = [26, 4, 37, 4, 37, 13, 26, 13]  # x, y pairs: off-centre, so any turn shows
+    mask = mask_util.decode(mask_util.merge(mask_util.frPyObjects([rect], h, w)))
+    pixels[mask.astype(bool)] = (230, 20, 20)
+    displayed = Image.fromarray(pixels)
+    images, annotations = [], []
+    for image_id, (orientation, ext) in enumerate(
+        [(o, "png") for o in EXIF_TURNS] + [(6, "jpg")], start=1
+    ):
+        undo = EXIF_TURNS[orientation][1]
+        stored = displayed.transpose(undo) if undo is not None else displayed
+        exif = Image.Exif()
+        exif[coco.EXIF_ORIENTATION] = orientation
+        file_name = f"o{orientation}.{ext}"
+        stored.save(folder / "images" / file_name, exif=exif, quality=95)
+        with Image.open(folder / "images" / file_name) as reread:  # the reference: PIL
+            if ext == "png":
+                np.testing.assert_array_equal(np.asarray(ImageOps.exif_transpose(reread)), pixels)
+        size_h, size_w = stored.height, stored.width  # what a tool ignoring EXIF writes
+        if not stored_size_in_json:
+            size_h, size_w = h, w
+        images.append({"id": image_id, "file_name": file_name, "height": size_h, "width": size_w})
+        annotations.append(
+            {"id": image_id, "image_id": image_id, "category_id": 1, "segmentation": [rect],
+             "bbox": [26.0, 4.0, 11.0, 9.0], "area": float(mask.sum()), "iscrowd": 0}
+        )  # fmt: skip
+    content = {"images": images, "annotations": annotations,
+               "categories": [{"id": 1, "name": "box"}]}  # fmt: skip
+    (folder / "instances.json").write_text(json.dumps(content))
+    return folder / "instances.json", folder / "images", pixels, mask
+
+
+def test_exif_orientation_is_applied_as_displayed(tmp_path):
+    """A photo stored turned, with an EXIF orientation tag, is trained on as
+    displayed (as PIL's ImageOps.exif_transpose shows it), where its
+    annotation was drawn: image and mask agree for every orientation."""
+    from PIL import ImageOps
+
+    json_path, image_dir, pixels, mask = _write_exif_dataset(tmp_path)
+    data = coco.load(json_path, image_dir)
+    np.testing.assert_array_equal(data.orientations, [1, 2, 3, 4, 5, 6, 7, 8, 6])
+    # Input size 40: the displayed image is not scaled, only padded.
+    got = coco.to_arrays(coco.make_dataset(data, 40, 1, 4))
+    red = mask.astype(bool)
+    for i, file_name in enumerate(data.paths):
+        image, gt_mask = got["images"][i, :24], got["gt_masks"][i, 0, :24]
+        np.testing.assert_array_equal(gt_mask, mask, err_msg=file_name)
+        assert not got["images"][i, 24:].any()
+        if file_name.endswith(".png"):
+            np.testing.assert_array_equal(image, pixels, err_msg=file_name)
+        else:  # JPEG: as PIL decodes and turns it, up to decoder round-off
+            with Image.open(file_name) as stored:
+                reference = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"), int)
+            assert np.abs(image - reference).mean() < 2, file_name
+        # The annotated pixels are the red object, the others background.
+        assert np.abs(image[red].mean(0) - (230, 20, 20)).max() < 30, file_name
+        assert image[~red].mean() < 60, file_name
+
+
+def test_exif_turned_image_with_the_stored_size_in_the_json_is_an_error(tmp_path):
+    """A JSON that gives the stored (not the displayed) size of a turned image
+    was not drawn on what a viewer shows: a clear error, not a silent mismatch."""
+    json_path, image_dir, _, _ = _write_exif_dataset(tmp_path, stored_size_in_json=True)
+    with pytest.raises(coco.CocoFormatError) as error:
+        coco.load(json_path, image_dir)
+    message = str(error.value)
+    assert "o5.png" in message and "EXIF orientation 5" in message
+    assert "displayed" in message and "JSON says 24x40" in message
+
+
+def test_compare_on_exported_coco_files(tmp_path):
+    """compare.py --coco on a data set written by --export-coco (the smoke
+    mode of what README.md shows): through the file pipeline, 2 x 8
+    accumulated trains as batch 16 does (the reference), chunk by chunk, and
+    AP comes from pycocotools against the val JSON."""
+    from examples.mask_rcnn import compare
+
+    data_dir, out = tmp_path / "data", tmp_path / "out"
+    export = ["--smoke", "--export-coco", str(data_dir), "--num-train", "32", "--num-val", "8"]
+    train.main(export)
+    compare.main(["--coco", str(data_dir), "--smoke", "--in-process", "--output-dir", str(out),
+                  "--arms", "2 x 8 accum", "batch 16"])  # fmt: skip
+    accumulated, big_batch = (
+        json.loads((out / f"arm_{name}.json").read_text()) for name in ("2_x_8_accum", "batch_16")
+    )
+    assert "COCO-format files" in accumulated["data"]
+    for record in (accumulated, big_batch):
+        assert [c["images"] for c in record["chunks"]] == [16, 32]
+        assert [c["updates"] for c in record["chunks"]] == [1, 2]
+        assert all(c["effective_batch_size"] == 16 for c in record["chunks"])
+        (evaluation,) = record["evaluations"]
+        assert set(evaluation) >= {"images", "box_AP", "mask_AP"}
+        assert all(0.0 <= evaluation[k] <= 1.0 for k in ("box_AP", "box_AP50", "mask_AP"))
+    for a, b in zip(accumulated["chunks"], big_batch["chunks"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)  # the 2nd after one update
+    for name in ("comparison.md", "loss_vs_images.png", "ap_vs_images.png", "memory.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| 2 x 8 accum | 2 x 8 | 2 |" in (out / "comparison.md").read_text()
 
 
 def _break(dataset, tmp_path, change):

@@ -9,9 +9,11 @@ file and the entry at fault. :func:`make_dataset` is the ``tf.data`` pipeline
 ``shapes.py``:
 
 * images of any size and mode (PNG, JPEG, BMP, GIF; grayscale or RGB) are
-  scaled so that their longer side is ``image_size`` and padded with zeros at
-  the bottom and right to ``image_size x image_size``; boxes and masks get
-  exactly the same scaling;
+  turned as their EXIF orientation tag says (as PIL's
+  ``ImageOps.exif_transpose`` and COCO tools do: annotations are drawn on
+  the displayed image), then scaled so that their longer side is
+  ``image_size`` and padded with zeros at the bottom and right to
+  ``image_size x image_size``; boxes and masks get exactly the same scaling;
 * polygon, compressed and uncompressed RLE segmentations are decoded;
 * category ids (any integers) are mapped to classes ``1..K`` in increasing
   id order, and mapped back for evaluation;
@@ -51,7 +53,10 @@ class CocoData:
         image_dir: the folder the images' ``file_name`` are relative to.
         image_ids: original COCO image ids, ``[N]`` int64.
         paths: image file paths, ``[N]`` str.
-        heights, widths: original image sizes from the JSON, ``[N]`` int.
+        heights, widths: original image sizes from the JSON, ``[N]`` int, as
+            displayed (after the EXIF orientation).
+        orientations: EXIF orientation tag of every image file, ``[N]`` int
+            in 1..8 (1, as stored, when the file has none or an invalid one).
         instances: per image, the training instances: a list of
             ``(class, [x, y, w, h] bbox, rle)`` with ``class`` in ``1..K``
             (crowd annotations are not included).
@@ -67,6 +72,7 @@ class CocoData:
     paths: np.ndarray
     heights: np.ndarray
     widths: np.ndarray
+    orientations: np.ndarray
     instances: list
     category_ids: tuple
     category_names: tuple
@@ -92,13 +98,19 @@ class CocoData:
         """The first ``count`` images (all of them when ``count`` is None)."""
         if count is None or count >= len(self):
             return self
+        return self.select(np.arange(count))
+
+    def select(self, indices):
+        """The images at ``indices`` (in that order; repeats allowed)."""
+        indices = np.asarray(indices, np.int64)
         return dataclasses.replace(
             self,
-            image_ids=self.image_ids[:count],
-            paths=self.paths[:count],
-            heights=self.heights[:count],
-            widths=self.widths[:count],
-            instances=self.instances[:count],
+            image_ids=self.image_ids[indices],
+            paths=self.paths[indices],
+            heights=self.heights[indices],
+            widths=self.widths[indices],
+            orientations=self.orientations[indices],
+            instances=[self.instances[i] for i in indices],
         )
 
     def resized_shapes(self, image_size):
@@ -117,17 +129,18 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def load(json_path, image_dir, categories=None, check_images=True):
+def load(json_path, image_dir, categories=None):
     """Read and check a COCO instances data set.
+
+    Every image file is opened once (see :func:`check_image_files`): that it
+    exists, is readable, is a format the pipeline decodes and has the size
+    the JSON says once turned by its EXIF orientation, which is read there.
 
     Args:
         json_path: the annotation JSON file.
         image_dir: folder that the images' ``file_name`` are relative to.
         categories: optional ``(ids, names)`` of another data set (the
             training set) that this one must use; by default its own.
-        check_images: open every image header to check that it exists, is
-            readable, is a format the pipeline decodes and has the size the
-            JSON says.
 
     Returns:
         A :class:`CocoData`.
@@ -256,13 +269,13 @@ def load(json_path, image_dir, categories=None, check_images=True):
         paths=np.array(paths, dtype=str),
         heights=np.array(heights, np.int64),
         widths=np.array(widths, np.int64),
+        orientations=np.ones(len(ids), np.int64),
         instances=instances,
         category_ids=tuple(category_ids),
         category_names=tuple(category_names),
         num_crowd=num_crowd,
     )
-    if check_images:
-        check_image_files(data)
+    data.orientations = check_image_files(data)
     return data
 
 
@@ -316,10 +329,29 @@ def _to_rle(segmentation, height, width):
     )
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag
+SWAPS_AXES = (5, 6, 7, 8)  # orientations whose displayed image is the stored one transposed
+
+
 def check_image_files(data):
-    """Check that every image exists, is readable, decodable and of the JSON's size."""
+    """Check every image file and read its EXIF orientation.
+
+    Each image must exist, be readable, be in a format the pipeline decodes
+    and, turned by its EXIF orientation, have the JSON's ``width`` and
+    ``height`` (annotations are in that displayed frame).
+
+    Args:
+        data: a :class:`CocoData` (its ``orientations`` are not read).
+
+    Returns:
+        The EXIF orientation of every image, ``[N]`` int64 in 1..8.
+
+    Raises:
+        CocoFormatError: naming the file and its entry in the JSON.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    orientations = np.ones(len(data), np.int64)
     for i, path in enumerate(data.paths):
         entry = f"images[{i}] (id {data.image_ids[i]}) in {data.json_path}"
         path = Path(path)
@@ -329,17 +361,30 @@ def check_image_files(data):
             with Image.open(path) as image:
                 fmt, size = image.format, image.size
                 image.verify()
+            with Image.open(path) as image:  # verify() leaves the image unusable
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise CocoFormatError(f"{path}: unreadable image ({entry}): {error}") from None
         if fmt not in IMAGE_FORMATS:
             raise CocoFormatError(
                 f"{path}: image format {fmt} is not supported ({entry}); use one of {IMAGE_FORMATS}"
             )
-        if size != (data.widths[i], data.heights[i]):
-            raise CocoFormatError(
-                f"{path}: image is {size[0]}x{size[1]} (width x height) but the JSON says "
-                f"{data.widths[i]}x{data.heights[i]} ({entry})"
+        # PIL's exif_transpose leaves an image with an invalid tag as stored.
+        orientation = orientation if orientation in range(1, 9) else 1
+        orientations[i] = orientation
+        shown = size[::-1] if orientation in SWAPS_AXES else size
+        if shown != (data.widths[i], data.heights[i]):
+            turned = (
+                f" as displayed (its EXIF orientation {orientation} turns the stored "
+                f"{size[0]}x{size[1]}; COCO annotations are in the displayed frame)"
+                if orientation in SWAPS_AXES
+                else ""
             )
+            raise CocoFormatError(
+                f"{path}: image is {shown[0]}x{shown[1]} (width x height){turned} but the JSON "
+                f"says {data.widths[i]}x{data.heights[i]} ({entry})"
+            )
+    return orientations
 
 
 def _instance_arrays(data, max_instances):
@@ -373,6 +418,25 @@ def keep_largest(data, max_instances):
     return cut
 
 
+def exif_transpose(image, orientation):
+    """``image [h, w, C]`` as displayed, for an EXIF ``orientation`` in 1..8.
+
+    The same turns and flips as PIL's ``ImageOps.exif_transpose``, as
+    TensorFlow ops (``tf.image.rot90`` turns counter-clockwise).
+    """
+    branches = [
+        lambda: image,  # 1: as stored
+        lambda: tf.image.flip_left_right(image),  # 2
+        lambda: tf.image.rot90(image, 2),  # 3
+        lambda: tf.image.flip_up_down(image),  # 4
+        lambda: tf.image.transpose(image),  # 5
+        lambda: tf.image.rot90(image, 3),  # 6: stored turned 90 degrees counter-clockwise
+        lambda: tf.image.rot90(tf.image.transpose(image), 2),  # 7
+        lambda: tf.image.rot90(image, 1),  # 8
+    ]
+    return tf.switch_case(tf.cast(orientation, tf.int32) - 1, branches)
+
+
 def _resize_and_pad(image, height, width, image_size, method="bilinear"):
     """``image [..., h, w, C]`` -> scaled to ``height x width``, zero-padded to square."""
     resized = tf.image.resize(image, tf.stack([height, width]), method=method, antialias=True)
@@ -381,7 +445,7 @@ def _resize_and_pad(image, height, width, image_size, method="bilinear"):
 
 def make_dataset(
     data, image_size, max_instances, batch_size, shuffle_seed=None, training=True,
-    drop_remainder=None,
+    drop_remainder=False,
 ):  # fmt: skip
     """The ``tf.data`` pipeline of a :class:`CocoData`.
 
@@ -400,7 +464,10 @@ def make_dataset(
         training: also produce the ground truth (``gt_boxes``,
             ``gt_classes``, ``gt_masks``, ``gt_valid``); otherwise only
             ``images`` and ``image_id``.
-        drop_remainder: drop a last incomplete batch; default ``training``.
+        drop_remainder: drop a last incomplete batch. By default it is kept,
+            so that every image is trained on: the model runs on any batch
+            size, and ``accum_keras`` weights a short micro-batch by its
+            images and applies a short last window at the epoch's end.
 
     Returns:
         A ``tf.data.Dataset`` of dicts as in ``shapes.py``.
@@ -410,6 +477,7 @@ def make_dataset(
         "index": np.arange(len(data), dtype=np.int64),
         "path": data.paths,
         "image_id": (data.image_ids % 2**31).astype(np.int32),
+        "orientation": data.orientations.astype(np.int32),
         "height": height,
         "width": width,
         "scale": np.stack([height / data.heights, width / data.widths], 1).astype(np.float32),
@@ -424,6 +492,7 @@ def make_dataset(
         image = tf.io.decode_image(
             tf.io.read_file(row["path"]), channels=3, expand_animations=False
         )
+        image = exif_transpose(image, row["orientation"])
         image = _resize_and_pad(image, row["height"], row["width"], image_size)
         out = {
             "images": tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8),
@@ -454,8 +523,7 @@ def make_dataset(
         return out
 
     ds = ds.map(load_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    drop = training if drop_remainder is None else drop_remainder
-    return ds.batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
 def to_arrays(dataset):

@@ -96,18 +96,19 @@ def generate_shapes(num_images, seed=0, image_size=64, max_instances=4, first_id
     return data
 
 
-def make_dataset(data, batch_size, shuffle_seed=None, repeat=False):
+def make_dataset(data, batch_size, shuffle_seed=None, repeat=False, drop_remainder=True):
     """A ``tf.data`` pipeline of dicts; fit() receives them as ``x``.
 
     ``shuffle_seed`` fixes the order, so that arms of an experiment see the
-    images in the same order. Batches are complete (``drop_remainder``).
+    images in the same order. Batches are complete unless ``drop_remainder``
+    is False (``train.py`` keeps every image; the last batch may be short).
     """
     ds = tf.data.Dataset.from_tensor_slices(data)
     if shuffle_seed is not None:
         ds = ds.shuffle(len(data["image_id"]), seed=shuffle_seed)
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -165,7 +165,10 @@ def load_data(settings, verbose=2):
         return Data(
             config=config,
             train=shapes.make_dataset(
-                train_data, settings.micro_batch, shuffle_seed=settings.seed, repeat=False
+                train_data,
+                settings.micro_batch,
+                shuffle_seed=settings.seed,
+                drop_remainder=False,  # train on every image
             ),
             num_train=settings.num_train,
             num_val=settings.num_val,
@@ -230,7 +233,7 @@ def load_data(settings, verbose=2):
     return Data(
         config=config,
         train=train_ds,
-        num_train=(len(train_set) // settings.micro_batch) * settings.micro_batch,
+        num_train=len(train_set),  # every image, the last micro-batch may be short
         num_val=len(val_set),
         class_names=train_set.class_names,
         evaluate=evaluate_coco,
@@ -239,32 +242,53 @@ def load_data(settings, verbose=2):
 
 
 class Progress(keras.callbacks.Callback):
-    """A line every ``seconds`` within an epoch: images done, running loss, time left."""
+    """A line every ``seconds`` within an epoch: images done, running loss, time left.
 
-    def __init__(self, micro_batch, seconds=15.0):
+    The time left is estimated from the steps after the epoch's first
+    ``warmup_steps`` micro-batches: with accumulation the first window traces
+    two programs (the first micro-batch traces the accumulating step, the
+    one that closes the window traces the update), and tracing takes far
+    longer than a step. Until then a line says no estimate.
+
+    Args:
+        micro_batch: images per step.
+        num_images: images per epoch (the last micro-batch may be short).
+        warmup_steps: steps not used for the estimate (``accumulation_steps``).
+        seconds: a line at most this often.
+        clock: returns seconds (for tests).
+    """
+
+    def __init__(
+        self, micro_batch, num_images, warmup_steps=1, seconds=15.0, clock=time.perf_counter
+    ):
         super().__init__()
-        self.micro_batch, self.seconds = micro_batch, seconds
+        self.micro_batch, self.num_images = micro_batch, num_images
+        self.warmup_steps, self.seconds, self.clock = max(warmup_steps, 1), seconds, clock
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch, self.start, self.first = epoch, time.perf_counter(), None
+        self.epoch = epoch
+        self.start = self.last = self.clock()
+        self.origin = None  # (time, steps done) once the warm-up steps are done
 
     def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
-        if self.first is None:  # the first step includes tracing; time the rest
-            self.first = self.last = now
-            return
+        now, done = self.clock(), batch + 1
+        if done == self.warmup_steps:
+            self.origin = (now, done)
         if now - self.last < self.seconds:
             return
         self.last = now
         steps = self.params.get("steps")
-        total = f"/{steps * self.micro_batch}" if steps else ""
         left = ""
-        if steps:
-            left = f", ~{(now - self.first) / batch * (steps - batch - 1):.0f} s left"
+        if steps and self.origin and done > self.origin[1]:
+            per_step = (now - self.origin[0]) / (done - self.origin[1])
+            left = f", ~{per_step * (steps - done):.0f} s left"
+        elif steps:
+            left = ", time left known after the first window (tracing)"
         loss = (logs or {}).get("loss")
         loss = f", loss {float(loss):.3f}" if loss is not None else ""
+        images = min(done * self.micro_batch, self.num_images)
         print(
-            f"  epoch {self.epoch + 1}: {(batch + 1) * self.micro_batch}{total} images{loss}, "
+            f"  epoch {self.epoch + 1}: {images}/{self.num_images} images{loss}, "
             f"{now - self.start:.0f} s{left}",
             flush=True,
         )
@@ -276,7 +300,9 @@ def set_stage(model, stage):
 
 
 def compile_for_stage(model, stage, settings, is_last, num_train=None):
-    updates_per_epoch = (num_train or settings.num_train) // settings.effective_batch
+    # Every image is trained on: a short last micro-batch, a short last window.
+    micro_batches = math.ceil((num_train or settings.num_train) / settings.micro_batch)
+    updates_per_epoch = math.ceil(micro_batches / settings.accumulation_steps)
     learning_rate = stage.learning_rate
     if is_last and settings.final_learning_rate_factor != 1.0:
         learning_rate = keras.optimizers.schedules.CosineDecay(
@@ -330,7 +356,14 @@ def train(settings, verbose=2):
         stage_start = time.perf_counter()
         callbacks = [accum_keras.AccumulationCallback(lr_scaling=None)]
         if verbose:
-            callbacks.append(Progress(settings.micro_batch, settings.progress_seconds))
+            callbacks.append(
+                Progress(
+                    settings.micro_batch,
+                    data.num_train,
+                    warmup_steps=settings.accumulation_steps,
+                    seconds=settings.progress_seconds,
+                )
+            )
         result = model.fit(
             data.train,
             epochs=stage.epochs,

@@ -38,6 +38,7 @@ SUITE = [
     "tests/test_window_edges.py",
     "tests/test_custom_train_step.py",
     "tests/test_keras_internals.py",
+    "tests/test_accumulator_dtype.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

@@ -16,11 +16,13 @@ from __future__ import annotations
 import keras
 
 from accum_keras import _keras_internals
-from accum_keras._config import check_accumulation_steps
+from accum_keras._config import check_accumulation_steps, check_accumulator_dtype
 from accum_keras._model import AccumulatingModel, Model, copy_model_options
 
 
-def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
+def accumulate(
+    model: keras.Model, accumulation_steps: int, accumulator_dtype: str | None = None
+) -> keras.Model:
     """Returns a model that trains ``model``'s weights with gradient accumulation.
 
     Args:
@@ -29,6 +31,9 @@ def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
             `keras.models.load_model`). An accumulating model is returned
             itself, with ``accumulation_steps`` set.
         accumulation_steps: int >= 1, micro-batches per optimizer update.
+        accumulator_dtype: the twin's ``accumulator_dtype`` (see
+            `AccumulatingModel`; None: ``"float32"``). An accumulating model
+            keeps its own, which this must then equal or be None.
 
     Returns:
         An `accum_keras.Model` sharing ``model``'s layers (and therefore its
@@ -56,7 +61,16 @@ def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
     ```
     """
     steps = check_accumulation_steps(accumulation_steps)
+    if accumulator_dtype is not None:
+        check_accumulator_dtype(accumulator_dtype)
     if isinstance(model, AccumulatingModel):
+        if accumulator_dtype not in (None, model.accumulator_dtype):
+            raise ValueError(
+                "accumulate() cannot change the accumulator dtype of an accumulating "
+                f"model (it is fixed at construction): the model has "
+                f"accumulator_dtype={model.accumulator_dtype!r}. Received: "
+                f"accumulator_dtype={accumulator_dtype!r}."
+            )
         model.accumulation_steps = steps
         return model
     if not isinstance(model, keras.Model):
@@ -77,7 +91,13 @@ def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
             "accumulate() needs the model's inputs: build the Sequential model with "
             "a keras.Input first layer (or call it on data once)."
         )
-    twin = Model(model.inputs, model.outputs, name=model.name, accumulation_steps=steps)
+    twin = Model(
+        model.inputs,
+        model.outputs,
+        name=model.name,
+        accumulation_steps=steps,
+        accumulator_dtype=accumulator_dtype or "float32",
+    )
     if model.compiled:
         twin.compile(**_compile_arguments(model))
     return twin

@@ -8,6 +8,11 @@ from typing import Any
 # The window counters are int32 on every backend.
 MAX_ACCUMULATION_STEPS = 2**31 - 1
 
+# What an accumulator can be held in: a fixed float type, or "variable" for
+# the dtype of the variable it accumulates (bfloat16 for a model held in
+# bfloat16, float32 under the mixed policies, whose variables are float32).
+ACCUMULATOR_DTYPES = ("float32", "bfloat16", "float16", "variable")
+
 
 def check_accumulation_steps(value: Any, name: str = "accumulation_steps") -> int:
     """Returns ``value`` as an int if it is an integer in [1, 2**31 - 1], else raises.
@@ -40,6 +45,30 @@ def check_accumulation_steps(value: Any, name: str = "accumulation_steps") -> in
             f"window counts its micro-batches in int32). Received: {name}={value!r}."
         )
     return int(value)
+
+
+def check_accumulator_dtype(value: Any, name: str = "accumulator_dtype") -> str:
+    """Returns ``value`` if it is one of `ACCUMULATOR_DTYPES`, else raises.
+
+    Args:
+        value: the candidate dtype of the accumulators.
+        name: the argument name used in the error message.
+
+    Returns:
+        ``value``, a str.
+
+    Raises:
+        ValueError: for anything else (dtype objects and other spellings
+            included: the four names are the whole choice).
+    """
+    if isinstance(value, str) and value in ACCUMULATOR_DTYPES:
+        return value
+    allowed = ", ".join(repr(d) for d in ACCUMULATOR_DTYPES)
+    raise ValueError(
+        f"`{name}` must be one of {allowed} (the dtype the gradients are summed "
+        "in; 'variable' follows each variable's own dtype). "
+        f"Received: {name}={value!r}."
+    )
 
 
 def check_optimizer_does_not_accumulate(optimizer: Any) -> None:

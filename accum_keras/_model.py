@@ -23,6 +23,7 @@ from keras import ops
 from accum_keras import _custom_step, _keras_internals, _lifecycle, _loss_terms
 from accum_keras._config import (
     check_accumulation_steps,
+    check_accumulator_dtype,
     check_optimizer_does_not_accumulate,
 )
 from accum_keras._state import AccumulationState
@@ -70,6 +71,17 @@ class AccumulatingModel:
             anyway. Applies to windows of ``accumulation_steps >= 2`` (at 1
             the model runs Keras' own step); not supported under
             ``tf.distribute`` strategies other than the default one.
+        accumulator_dtype: the dtype the window's gradients are summed in:
+            ``"float32"`` (the default: the big batch's update to float32
+            round-off, whatever the weights' dtype), ``"bfloat16"`` or
+            ``"float16"`` (half the memory of float32 accumulators, at a
+            relative error that grows with ``accumulation_steps``; float16
+            also underflows below 6e-8 and overflows above 65504), or
+            ``"variable"`` (each variable's own dtype: bfloat16 for a model
+            held in bfloat16, float32 under the mixed policies). Sums are
+            formed in float32 and rounded once per micro-batch; the window is
+            scaled in float32 and cast once. Measured errors and memory:
+            docs/performance.md, "Accumulator dtype". Fixed at construction.
         *args, **kwargs: passed to the Keras model class.
 
     Example:
@@ -94,9 +106,11 @@ class AccumulatingModel:
         *args,
         accumulation_steps: int = 1,
         skip_nonfinite_updates: bool = False,
+        accumulator_dtype: str = "float32",
         **kwargs,
     ):
         steps = check_accumulation_steps(accumulation_steps)
+        accumulator_dtype = check_accumulator_dtype(accumulator_dtype)
         if not isinstance(skip_nonfinite_updates, bool):
             raise TypeError(
                 "`skip_nonfinite_updates` must be True or False. "
@@ -105,7 +119,9 @@ class AccumulatingModel:
         super().__init__(*args, **kwargs)
         self._accumulation_steps = steps
         self.skip_nonfinite_updates = skip_nonfinite_updates
-        self._accumulation_state = AccumulationState(owner=self)
+        self._accumulation_state = AccumulationState(
+            owner=self, accumulator_dtype=accumulator_dtype
+        )
         self._accumulation_apply_function = None
         self._accumulation_fitting = False
         self._accumulation_evaluating = False
@@ -134,6 +150,11 @@ class AccumulatingModel:
             # programs; `fit()` looks the function up before every step, so
             # replacing it here takes effect at the next step.
             self.make_train_function(force=True)
+
+    @property
+    def accumulator_dtype(self) -> str:
+        """The dtype choice of the accumulators (see the class docstring); fixed at construction."""
+        return self._accumulation_state.accumulator_dtype
 
     @property
     def pending_micro_steps(self) -> int:
@@ -173,6 +194,8 @@ class AccumulatingModel:
         config["accumulation_steps"] = self._accumulation_steps
         if self.skip_nonfinite_updates:
             config["skip_nonfinite_updates"] = True
+        if self.accumulator_dtype != "float32":
+            config["accumulator_dtype"] = self.accumulator_dtype
         return config
 
     @classmethod
@@ -183,6 +206,7 @@ class AccumulatingModel:
         config = dict(config)
         steps = config.pop("accumulation_steps", 1)
         skip = config.pop("skip_nonfinite_updates", False)
+        accumulator_dtype = check_accumulator_dtype(config.pop("accumulator_dtype", "float32"))
         if custom_objects is None:
             # Some bases (KerasHub tasks) take no `custom_objects`; Keras'
             # deserialization passes them through a scope instead.
@@ -191,6 +215,9 @@ class AccumulatingModel:
             model = super().from_config(config, custom_objects=custom_objects)
         model.accumulation_steps = steps
         model.skip_nonfinite_updates = skip
+        # Before any accumulator exists: they are created at the first fit
+        # or load, in this dtype.
+        model._accumulation_state.accumulator_dtype = accumulator_dtype
         return model
 
     # -- compile / fit / evaluate hooks ------------------------------------

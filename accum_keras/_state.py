@@ -42,8 +42,9 @@ class AccumulationState(KerasSaveable):
     """Accumulators and counters of the open window.
 
     Attributes:
-        gradients: one float32 accumulator per trainable variable, in the order
-            of ``model.trainable_variables``. Holds the sum of the gradients of
+        gradients: one accumulator per trainable variable, in the order
+            of ``model.trainable_variables``, of the dtype `accumulator_dtype`
+            picks (float32 unless the model asks otherwise). Holds the sum of the gradients of
             the window's accumulation objectives (see `accum_keras._window`).
             Between windows it holds the last window's sum on TensorFlow
             (whose first micro-batch of a window overwrites it) and zeros on
@@ -64,13 +65,16 @@ class AccumulationState(KerasSaveable):
             non-finite gradient under a `LossScaleOptimizer`.
         accumulation_steps: ``k``, read by the compiled step so that it can be
             changed without retracing.
+        accumulator_dtype: one of `accum_keras._config.ACCUMULATOR_DTYPES`,
+            the dtype of accumulators created from now on.
     """
 
-    def __init__(self, owner: Any = None):
+    def __init__(self, owner: Any = None, accumulator_dtype: str = "float32"):
         # The model this state belongs to, asked to (re)build the state for
         # its current variables before a load; kept weakly so that the state
         # does not keep its model alive.
         self._owner = weakref.ref(owner) if owner is not None else None
+        self.accumulator_dtype = accumulator_dtype
         self.gradients: list[Any] = []
         self.accumulated_variables: list[Any] = []
         self._variable_ids: list[int] = []
@@ -146,7 +150,7 @@ class AccumulationState(KerasSaveable):
             if id(v) in existing
             else _zeros(
                 v.shape,
-                "float32",
+                accumulator_dtype(v, self.accumulator_dtype),
                 _accumulator_name(v),
                 # Each replica accumulates its own micro-batches; nothing
                 # crosses replicas until the window is applied.
@@ -286,6 +290,21 @@ def _same_layout(variable: Any) -> dict:
     """
     layout = getattr(variable, "_layout", None)
     return {} if layout is None else {"layout": layout}
+
+
+def accumulator_dtype(variable: Any, choice: str) -> str:
+    """The dtype of ``variable``'s accumulator under the model's ``accumulator_dtype``.
+
+    Args:
+        variable: a trainable variable.
+        choice: one of `accum_keras._config.ACCUMULATOR_DTYPES`.
+
+    Returns:
+        ``choice``, or the variable's own dtype for ``"variable"``.
+    """
+    if choice == "variable":
+        return keras.backend.standardize_dtype(variable.dtype)
+    return choice
 
 
 def _zeros(shape, dtype: str, name: str, **distribution):

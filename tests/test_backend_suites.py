@@ -40,6 +40,7 @@ SUITE = [
     "tests/test_composition_apply.py",
     "tests/test_keras_internals.py",
     "tests/test_composition_config.py",
+    "tests/test_accumulator_dtype.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

@@ -349,8 +349,7 @@ def train_step(model, state, data, may_apply: bool = True):
     window = dict(window)
     window["layer_statistics"] = layer_statistics
     window["gradients"] = [
-        accumulated + gradient.astype(accumulated.dtype)
-        for accumulated, gradient in zip(window["gradients"], gradients)
+        _add(accumulated, gradient) for accumulated, gradient in zip(window["gradients"], gradients)
     ]
     window["window_divisor"] = window["window_divisor"] + divisor
     window["reference_divisor"] = reference.astype(window["reference_divisor"].dtype)
@@ -378,6 +377,21 @@ def train_step(model, state, data, may_apply: bool = True):
     )
     optimizer_and_window = optimizer_values + _join(window) + read_only_values
     return logs, (trainable, non_trainable, optimizer_and_window, metrics)
+
+
+def _add(accumulated, gradient):
+    """``accumulated + gradient`` in the accumulator's dtype.
+
+    A half-precision accumulator gets the float32 sum rounded once, not the
+    gradient rounded and then the sum.
+    """
+    wide = _summing_dtype(accumulated)
+    return (accumulated.astype(wide) + gradient.astype(wide)).astype(accumulated.dtype)
+
+
+def _summing_dtype(accumulated):
+    """float32 for half-precision accumulators, their own dtype otherwise."""
+    return jnp.promote_types(accumulated.dtype, jnp.float32)
 
 
 def make_train_function(model):
@@ -486,7 +500,9 @@ def apply_window_values(
         try:
             scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
             gradients = [
-                (accumulator.value * scale).astype(variable.dtype)
+                (accumulator.value.astype(_summing_dtype(accumulator.value)) * scale).astype(
+                    variable.dtype
+                )
                 for accumulator, variable in zip(state.gradients, state.accumulated_variables)
             ]
             _apply.apply_window(model, [(model.optimizer, gradients, state.accumulated_variables)])

@@ -271,25 +271,35 @@ def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first) ->
     """
     pairs = [(a, g) for a, g in zip(accumulators, gradients) if g is not None]
 
-    def unscaled(values):
-        values = tf.cast(values, "float32")
-        return values if loss_scale is None else values / loss_scale
+    def unscaled(values, dtype="float32"):
+        values = tf.cast(values, _summing_dtype(dtype))
+        if loss_scale is not None:
+            values = values / tf.cast(loss_scale, values.dtype)
+        return tf.cast(values, dtype)
 
     def write(overwrite: bool):
         for accumulator, gradient in pairs:
+            dtype = accumulator.dtype
             if isinstance(gradient, tf.IndexedSlices) and replicas == 1:
                 if overwrite:
                     accumulator.assign(tf.zeros_like(accumulator.value))
                 accumulator.value.scatter_add(
                     tf.IndexedSlices(
-                        unscaled(gradient.values), gradient.indices, gradient.dense_shape
+                        unscaled(gradient.values, dtype), gradient.indices, gradient.dense_shape
                     )
                 )
             elif overwrite:
-                accumulator.assign(unscaled(tf.convert_to_tensor(gradient)))
-            else:
+                accumulator.assign(unscaled(tf.convert_to_tensor(gradient), dtype))
+            elif _summing_dtype(dtype) == dtype:
                 # Replica-local (on-read) variables take dense updates only.
-                accumulator.assign_add(unscaled(tf.convert_to_tensor(gradient)))
+                accumulator.assign_add(unscaled(tf.convert_to_tensor(gradient), dtype))
+            else:
+                # Half-precision accumulators: the sum is formed in float32
+                # and rounded once, not the gradient and then the sum.
+                total = tf.cast(accumulator.value, "float32") + unscaled(
+                    tf.convert_to_tensor(gradient)
+                )
+                accumulator.assign(tf.cast(total, dtype))
         return tf.constant(True)
 
     tf.cond(is_first, lambda: write(overwrite=True), lambda: write(overwrite=False))
@@ -342,12 +352,24 @@ def apply_window(model) -> None:
         # The optimizer unscales what it is given, as for a plain step.
         scale = scale * loss_scale
     gradients = [
-        tf.cast(accumulator.value * scale, variable.dtype) if present else None
+        # Scaled in float32 (half-precision accumulators too), cast once.
+        _scaled(accumulator.value, scale, variable.dtype) if present else None
         for accumulator, variable, present in zip(
             state.gradients, state.accumulated_variables, has_gradient
         )
     ]
     _apply.apply_window(model, [(optimizer, gradients, state.accumulated_variables)])
+
+
+def _summing_dtype(dtype) -> str:
+    """float32 for half-precision accumulators, their own dtype otherwise."""
+    return "float64" if tf.as_dtype(dtype) == tf.float64 else "float32"
+
+
+def _scaled(accumulated, scale, dtype):
+    """``accumulated * scale`` computed in the summing dtype, cast once to ``dtype``."""
+    wide = _summing_dtype(accumulated.dtype)
+    return tf.cast(tf.cast(accumulated, wide) * tf.cast(scale, wide), dtype)
 
 
 def check_skip_nonfinite_supported(model) -> None:

@@ -114,7 +114,7 @@ def _accumulate(model, objective) -> None:
         with torch.no_grad():
             for accumulator, gradient in zip(accumulators, gradients):
                 if gradient is not None:
-                    accumulator.add_(gradient.to(accumulator.dtype))
+                    _add_(accumulator, gradient)
         state.torch_has_gradient = (key, [g is not None for g in gradients])
         return
     # The first step after the variables changed also finds out which
@@ -139,6 +139,20 @@ def _accumulate(model, objective) -> None:
             hook.remove()
     if received is not None:
         state.torch_has_gradient = (key, received)
+
+
+def _add_(accumulator, gradient) -> None:
+    """``accumulator += gradient``; a half-precision accumulator gets the float32 sum rounded once."""
+    wide = _summing_dtype(accumulator)
+    if wide == accumulator.dtype:
+        accumulator.add_(gradient.to(accumulator.dtype))
+    else:
+        accumulator.copy_(accumulator.to(wide) + gradient.to(wide))
+
+
+def _summing_dtype(accumulator):
+    """float32 for half-precision accumulators, their own dtype otherwise."""
+    return torch.promote_types(accumulator.dtype, torch.float32)
 
 
 def _can_alias(parameters, accumulators) -> bool:
@@ -170,7 +184,16 @@ def apply_window(model) -> None:
             if not present:
                 gradients.append(None)
                 continue
-            gradient = accumulator.value.mul_(scale)
+            accumulated = accumulator.value
+            if _summing_dtype(accumulated) == accumulated.dtype:
+                gradient = accumulated.mul_(scale)
+            else:
+                # Scaled in float32 and cast once (a half-precision product
+                # would round the scale first); in place when the variable
+                # has the accumulator's dtype.
+                gradient = accumulated.to(_summing_dtype(accumulated)) * scale
+                if variable.value.dtype == accumulated.dtype:
+                    gradient = accumulated.copy_(gradient)
             if gradient.dtype != variable.value.dtype:
                 gradient = gradient.to(variable.value.dtype)
             gradients.append(gradient)

@@ -3,11 +3,17 @@ no alarming TensorFlow messages, and warnings where results deviate."""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 
 import pytest
 from watched import Hung, run_watched
+
+from examples import quiet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A child that prints one line every `period` seconds, `count` times.
 _TICKS = "import sys, time\nfor i in range({count}):\n    print(i, flush=True)\n    time.sleep({period})\n"
@@ -38,3 +44,43 @@ def test_a_subprocess_that_keeps_printing_runs_longer_than_the_idle_limit():
     # Relayed as it came (streamed), not all at the end.
     assert seen and seen[0][0] < finished - 2
     assert "".join(text for _, text in seen).split() == completed.stdout.split()
+
+
+# --- quiet examples (examples/quiet.py) ---------------------------------------
+
+_STARTUP_NOISE = re.compile(
+    r"cuInit|cuda|absl|oneDNN|cpu_feature_guard|TensorFlow binary|^[IWE]\d{4} ", re.M
+)
+
+
+@pytest.mark.parametrize(
+    ("values", "wanted"),
+    [
+        ({}, False),
+        ({"MASK_RCNN_TF_LOGS": "0"}, False),
+        ({"MASK_RCNN_TF_LOGS": "false"}, False),
+        ({"MASK_RCNN_TF_LOGS": ""}, False),
+        ({"MASK_RCNN_TF_LOGS": "1"}, True),
+        ({"MASK_RCNN_TF_LOGS": "True"}, True),
+        ({"EXAMPLES_TF_LOGS": "1", "MASK_RCNN_TF_LOGS": "0"}, True),
+    ],
+)
+def test_the_tf_logs_flag_reads_0_false_and_empty_as_off(values, wanted):
+    assert quiet.tf_logs_wanted(values) is wanted
+
+
+def test_the_tf_logs_flag_refuses_other_values_naming_the_variable():
+    with pytest.raises(ValueError, match="MASK_RCNN_TF_LOGS='maybe': use 1 or true"):
+        quiet.tf_logs_wanted({"MASK_RCNN_TF_LOGS": "maybe"})
+
+
+def test_an_example_prints_no_tensorflow_start_up_lines():
+    # What every example does first; MASK_RCNN_TF_LOGS=0 must keep it quiet.
+    script = "from examples import quiet\nquiet.import_tensorflow()\nimport keras\nprint('ok')\n"
+    env = dict(os.environ, MASK_RCNN_TF_LOGS="0", KERAS_BACKEND="tensorflow")
+    env.pop("EXAMPLES_TF_LOGS", None)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    completed = run_watched([sys.executable, "-c", script], env=env, cwd=ROOT, idle_limit=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "ok"
+    assert not _STARTUP_NOISE.search(completed.stderr), completed.stderr

@@ -55,7 +55,7 @@ def _peak_rss_mb():
 
 def run_arm(name, mode, out_path):
     """Train one arm; write its record as JSON."""
-    from examples.mask_rcnn import quiet
+    from examples import quiet
 
     quiet.import_tensorflow()
     import keras

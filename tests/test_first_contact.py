@@ -3,14 +3,18 @@ no alarming TensorFlow messages, and warnings where results deviate."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 import time
 
+import keras
+import numpy as np
 import pytest
 from watched import Hung, run_watched
 
+import accum_keras
 from examples import quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +88,38 @@ def test_an_example_prints_no_tensorflow_start_up_lines():
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == "ok"
     assert not _STARTUP_NOISE.search(completed.stderr), completed.stderr
+
+
+# --- no "retracing" warning from TensorFlow across models ----------------------
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's tf.function")
+def test_training_several_models_in_one_process_does_not_warn_of_retracing():
+    # Five models, two fits each; every epoch ends with a short window, which
+    # the epoch-end apply function applies. TensorFlow warns when 5 of the
+    # last 10 calls of the "same" function traced.
+    x = np.arange(9, dtype="float32").reshape(3, 3) / 10
+    y = x[:, :1]
+    records = _Records()
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(records)
+    try:
+        for _ in range(5):
+            inputs = keras.Input((3,))
+            model = accum_keras.Model(inputs, keras.layers.Dense(1)(inputs), accumulation_steps=4)
+            model.compile(keras.optimizers.SGD(0.1), "mse")
+            for _ in range(2):
+                model.fit(x, y, batch_size=1, epochs=1, verbose=0)
+                assert int(model.optimizer.iterations.numpy()) in (1, 2)
+    finally:
+        logger.removeHandler(records)
+    assert not [m for m in records.messages if "retracing" in m], records.messages

@@ -423,17 +423,34 @@ def make_train_function(model) -> TrainFunction:
     return TrainFunction(model)
 
 
-def make_apply_function(model):
-    """A function that applies the open window now (used at epoch ends)."""
-    strategy = model.distribute_strategy
+class _ApplyPending:
+    """Applies a model's open window now (see `make_apply_function`).
 
-    def apply_pending():
+    A callable object rather than a closure: TensorFlow counts the traces of
+    all functions with the same code together, so each model tracing its own
+    closure (once, as it must) would add up to a "triggered tf.function
+    retracing" warning after a few models; an object is counted on its own.
+    """
+
+    def __init__(self, model):
+        self._model = model
+        self._strategy = model.distribute_strategy
+
+    def __call__(self):
         if tf.distribute.in_cross_replica_context():
-            strategy.run(apply_window, args=(model,))
+            self._strategy.run(apply_window, args=(self._model,))
         else:
             # Called from inside an eager step (see `executing_eagerly`).
-            apply_window(model)
+            apply_window(self._model)
 
+
+def make_apply_function(model):
+    """A function that applies the open window now (used at epoch ends).
+
+    Traced once per model and optimizer (the model keeps it until ``compile()``
+    or a rebuilt train function replaces what it captured).
+    """
+    apply_pending = _ApplyPending(model)
     if model.run_eagerly:
         return apply_pending
     return tf.function(apply_pending)

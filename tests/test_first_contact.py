@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -123,3 +124,87 @@ def test_training_several_models_in_one_process_does_not_warn_of_retracing():
     finally:
         logger.removeHandler(records)
     assert not [m for m in records.messages if "retracing" in m], records.messages
+
+
+# --- the sparse-update notice (accum_keras/_sparse.py) -------------------------
+
+
+def _t5_like(optimizer):
+    # T5's relative position bias is an Embedding looked up by bucket ids: a
+    # user has no reason to think "embedding" when comparing with plain Keras.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,), dtype="int32")
+    bias = keras.layers.Embedding(8, 4, name="relative_attention_bias")(inputs)
+    outputs = keras.layers.Dense(1)(keras.layers.Flatten()(bias))
+    model = accum_keras.Model(inputs, outputs, accumulation_steps=2)
+    model.compile(optimizer, "mse")
+    return model
+
+
+def _fits_and_notices(model, fits=2):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 8, size=(16, 6)).astype("int32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    notices = []
+    for _ in range(fits):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+        notices.append(
+            [
+                str(w.message)
+                for w in caught
+                if issubclass(w.category, accum_keras.SparseUpdateWarning)
+            ]
+        )
+    return notices
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="sparse gradients are TF's")
+def test_adamw_on_sparse_gradients_warns_once_per_fit_naming_the_variable():
+    notices = _fits_and_notices(_t5_like(keras.optimizers.AdamW(1e-2)))
+    assert [len(n) for n in notices] == [1, 1]
+    for (message,) in notices:
+        assert message.startswith("accum_keras: relative_attention_bias/embeddings get sparse")
+        assert "AdamW" in message and "docs/compatibility.md" in message
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="sparse gradients are TF's")
+def test_sgd_with_momentum_on_sparse_gradients_does_not_warn():
+    # Linear in the gradient: the sparse big batch and the window's sum agree.
+    notices = _fits_and_notices(_t5_like(keras.optimizers.SGD(1e-2, momentum=0.9)), fits=1)
+    assert notices == [[]]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="sparse gradients are TF's")
+def test_the_sparse_update_notice_can_be_silenced_by_its_category():
+    model = _t5_like(keras.optimizers.Adam(1e-2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=accum_keras.SparseUpdateWarning)
+        model.fit(np.zeros((8, 6), "int32"), np.zeros((8, 1), "float32"), batch_size=4, verbose=0)
+    assert not [w for w in caught if "sparse" in str(w.message)]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="sparse gradients are TF's")
+@pytest.mark.parametrize(
+    ("name", "differs"),
+    [
+        ("SGD", False),
+        ("Lion", False),
+        ("Adam", True),
+        ("AdamW", True),
+        ("RMSprop", True),
+        ("Adagrad", True),
+        ("Adamax", True),
+        ("Nadam", True),
+        ("Adadelta", True),
+        ("Ftrl", True),
+    ],
+)
+def test_which_keras_optimizers_update_sparse_gradients_differently(name, differs):
+    # The measurement behind the notice, against Keras' own two paths: plain
+    # Keras' update from the per-occurrence rows vs from their sum.
+    from accum_keras import _sparse
+
+    assert _sparse.sparse_update_differs(getattr(keras.optimizers, name)()) is differs

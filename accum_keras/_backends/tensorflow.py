@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _keras_internals, _window
+from accum_keras import _keras_internals, _sparse, _window
 from accum_keras._backends import _stateful
 
 
@@ -118,6 +118,7 @@ def accumulate_micro_batch(model, data):
     variables = state.accumulated_variables
     gradients = tape.gradient(objective, variables)
     model._accumulation_has_gradient = [g is not None for g in gradients]
+    _sparse.record_sparse_gradients(model, variables, gradients)
     _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
 
     global_samples = _sum_over_replicas(samples)
@@ -223,6 +224,8 @@ class TrainFunction:
             # which Keras runs up to `steps_per_execution` items.
             iterator = list(itertools.islice(iterator, steps))
             steps = len(iterator)
+        if getattr(model, "_accumulation_host_micro_step", None) is None:
+            _sparse.new_fit(model)  # forgotten at fit() start (and when state is loaded)
         micro_step = _host_micro_step(model)
         k = model.accumulation_steps
         if micro_step + steps < k:
@@ -230,6 +233,7 @@ class TrainFunction:
         else:
             logs = self.accumulate_and_apply(iterator)
         model._accumulation_host_micro_step = micro_step_after(micro_step, steps, k)
+        _sparse.warn_once_per_fit(model)
         return logs
 
 

@@ -13,6 +13,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from helpers import assert_same_training
 from watched import Hung, run_watched
 
 import accum_keras
@@ -208,3 +209,47 @@ def test_which_keras_optimizers_update_sparse_gradients_differently(name, differ
     from accum_keras import _sparse
 
     assert _sparse.sparse_update_differs(getattr(keras.optimizers, name)()) is differs
+
+
+# --- tf.data of unknown cardinality (docs/guarantees.md) ----------------------
+
+
+def _cardinality_data(batch_size, known):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    y = (x @ np.array([[1.0], [-2.0], [0.5]], "float32")).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    # `.filter` (like `from_generator`) hides how many batches there are.
+    return dataset if known else dataset.filter(lambda *_: True)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras' TF epoch loop")
+def test_unknown_cardinality_trains_like_the_known_cardinality_big_batch():
+    import tensorflow as tf
+
+    assert _cardinality_data(4, known=False).cardinality() == tf.data.UNKNOWN_CARDINALITY
+    twins = {}
+    for name, accumulation_steps in (("accum", 2), ("known", None), ("unknown", None)):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((3,))
+        outputs = keras.layers.Dense(1)(keras.layers.Dense(4, activation="tanh")(inputs))
+        if accumulation_steps:
+            model = accum_keras.Model(inputs, outputs, accumulation_steps=accumulation_steps)
+        else:
+            model = keras.Model(inputs, outputs)
+        model.compile(keras.optimizers.Adam(1e-2), "mse")
+        twins[name] = model
+    twins["known"].set_weights(twins["accum"].get_weights())
+    twins["unknown"].set_weights(twins["accum"].get_weights())
+    # 2 epochs of 32 samples: micro-batches of 4 in windows of 2 = batches of 8.
+    twins["accum"].fit(_cardinality_data(4, known=False), epochs=2, verbose=0)
+    twins["known"].fit(_cardinality_data(8, known=True), epochs=2, verbose=0)
+    twins["unknown"].fit(_cardinality_data(8, known=False), epochs=2, verbose=0)
+    assert_same_training(twins["accum"], twins["known"])
+    assert int(twins["accum"].optimizer.iterations.numpy()) == 8
+    # Plain Keras 3.15 counts one more update per epoch when it cannot know
+    # the epoch's length (which moves Adam's bias correction): the difference
+    # that docs/guarantees.md describes. If Keras changes, update the docs.
+    assert int(twins["unknown"].optimizer.iterations.numpy()) == 10

@@ -126,7 +126,12 @@ def accumulate_micro_batch(model, data):
     state.reference_divisor.assign(weights.reference_divisor)
     state.window_samples.assign_add(global_samples)
     state.add_samples_seen(global_samples)
-    state.micro_step.assign_add(1)
+    # Tied to the data: when a dataset of unknown length runs out, Keras calls
+    # the step once more and its `get_next` fails, but a counter increment that
+    # does not depend on the data may still run (plain Keras counts such a call
+    # in `optimizer.iterations`), which would open a window with no gradient.
+    with tf.control_dependencies([samples]):
+        state.micro_step.assign_add(1)
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     if _keras_internals.in_multi_worker_mode(model.distribute_strategy):
         # Keras 3.15 averages step logs across workers along axis 0, which

@@ -13,7 +13,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from helpers import assert_same_training
+from helpers import RTOL, assert_same_training, max_relative_difference
 from watched import Hung, run_watched
 
 import accum_keras
@@ -253,3 +253,5 @@ def test_unknown_cardinality_trains_like_the_known_cardinality_big_batch():
     # the epoch's length (which moves Adam's bias correction): the difference
     # that docs/guarantees.md describes. If Keras changes, update the docs.
     assert int(twins["unknown"].optimizer.iterations.numpy()) == 10
+    unknown, known = twins["unknown"].get_weights(), twins["known"].get_weights()
+    assert max_relative_difference(unknown, known) > 100 * RTOL

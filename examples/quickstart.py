@@ -6,8 +6,11 @@ same initial weights -- once with accum_keras on micro-batches of 4 with
 what happened: updates, effective batch size, accuracy, and how far apart the
 two sets of weights ended up.
 
-    python examples/quickstart.py
+    python examples/quickstart.py             # 5 epochs
     python examples/quickstart.py --epochs 1  # the quickest run
+
+Measured (``time python examples/quickstart.py``, 2 CPU cores shared with other
+jobs, load average ~8): 59 s wall, 13 s of CPU (user + system).
 
 TensorFlow's start-up lines are hidden (``EXAMPLES_TF_LOGS=1`` shows them).
 """

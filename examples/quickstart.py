@@ -10,7 +10,7 @@ two sets of weights ended up.
     python examples/quickstart.py --epochs 1  # the quickest run
 
 Measured (``time python examples/quickstart.py``, 2 CPU cores shared with other
-jobs, load average ~8): 59 s wall, 13 s of CPU (user + system).
+jobs, load average 13-14): 59 s wall, 13 s of CPU (user + system).
 
 TensorFlow's start-up lines are hidden (``EXAMPLES_TF_LOGS=1`` shows them).
 """

@@ -20,6 +20,7 @@ from accum_keras._accumulate import accumulate, clone_model
 from accum_keras._callback import AccumulationCallback
 from accum_keras._model import AccumulatingModel, Model, Sequential
 from accum_keras._schedules import ScaledLearningRate
+from accum_keras._sparse import SparseUpdateWarning
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "Model",
     "ScaledLearningRate",
     "Sequential",
+    "SparseUpdateWarning",
     "__version__",
     "accumulate",
     "clone_model",

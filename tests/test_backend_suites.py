@@ -6,6 +6,10 @@ the others in subprocesses, failing if they fail and skipping, with the reason,
 backends that are not installed. Every backend runs the same specification
 (``SUITE``) plus its own specifics. Run one backend's suite directly with e.g.
 ``KERAS_BACKEND=jax python -m pytest tests``.
+
+A subprocess's progress is relayed to the terminal as it comes, so a long
+suite does not look hung, and it fails for time only when it stops printing
+for ``watched.IDLE_LIMIT`` seconds (a hang), never because a machine is slow.
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import keras
 import pytest
 from helpers import RTOL
+from watched import run_watched
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -69,16 +73,17 @@ def _skip_unless_installed(backend: str) -> None:
         )
 
 
-def _run(command: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def _to_terminal(capsys, backend: str):
+    """An ``echo`` that writes a subprocess's output to the terminal, past pytest's capture."""
+
+    def echo(text: str) -> None:
+        with capsys.disabled():
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    with capsys.disabled():
+        sys.stdout.write(f"\n[the suite on {backend}, in a subprocess]\n")
+    return echo
 
 
 def _jax_compilation_cache(env: dict[str, str], directory) -> None:
@@ -90,7 +95,7 @@ def _jax_compilation_cache(env: dict[str, str], directory) -> None:
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch", "tensorflow"])
-def test_the_suite_passes_on_the_backend(backend, tmp_path):
+def test_the_suite_passes_on_the_backend(backend, tmp_path, capsys):
     if keras.backend.backend() == backend:
         pytest.skip(f"this process runs the suite on {backend} itself")
     _skip_unless_installed(backend)
@@ -98,7 +103,9 @@ def test_the_suite_passes_on_the_backend(backend, tmp_path):
     if backend == "jax":
         _jax_compilation_cache(env, tmp_path / "jax_cache")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"]
-    completed = _run(command + SUITE + SPECIFICS[backend], env, timeout=900)
+    completed = run_watched(
+        command + SUITE + SPECIFICS[backend], env=env, cwd=ROOT, echo=_to_terminal(capsys, backend)
+    )
     BACKEND_RESULTS[backend] = _summary_line(completed.stdout)
     report = completed.stdout[-6000:] + completed.stderr[-2000:]
     assert completed.returncode == 0, f"the {backend} suite failed:\n{report}"
@@ -113,7 +120,7 @@ def test_jax_data_parallel_on_two_devices_matches_one_device_on_the_big_batch(tm
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     ).strip()
     worker = os.path.join(TESTS, "backends", "jax_data_parallel_worker.py")
-    completed = _run([sys.executable, worker], env, timeout=600)
+    completed = run_watched([sys.executable, worker], env=env, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])
     for case, result in results.items():

@@ -8,11 +8,11 @@ TensorFlow starts, so the cases run in their own process
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 from helpers import RTOL
+from watched import Watched, run_watched, wait_watched
 
 HERE = os.path.join(os.path.dirname(__file__), "distributed")
 WORKER = os.path.join(HERE, "mirrored_worker.py")
@@ -21,9 +21,7 @@ MULTI_WORKER = os.path.join(HERE, "multi_worker_worker.py")
 
 @pytest.fixture(scope="module")
 def mirrored_results():
-    completed = subprocess.run(
-        [sys.executable, WORKER], capture_output=True, text=True, timeout=600, check=False
-    )
+    completed = run_watched([sys.executable, WORKER])
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -57,24 +55,14 @@ def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
         for index in range(2):
             config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
             env = dict(os.environ, TF_CONFIG=json.dumps(config))
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, MULTI_WORKER],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        outputs = [worker.communicate(timeout=300) for worker in workers]
-    finally:
+            workers.append(Watched([sys.executable, MULTI_WORKER], env=env))
+    except BaseException:
         for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    for worker, (stdout, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
-        result = json.loads(stdout.strip().splitlines()[-1])
+            worker.kill()
+        raise
+    for completed in wait_watched(workers):
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        result = json.loads(completed.stdout.strip().splitlines()[-1])
         assert result["workers"] == 2
         assert result["updates"] == result["reference_updates"] == 4
         assert result["difference"] <= RTOL

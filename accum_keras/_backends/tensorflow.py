@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _keras_internals, _window
+from accum_keras import _apply, _keras_internals, _sparse, _window
 from accum_keras._backends import _stateful
 
 
@@ -118,6 +118,7 @@ def accumulate_micro_batch(model, data):
     variables = state.accumulated_variables
     gradients = tape.gradient(objective, variables)
     model._accumulation_has_gradient = [g is not None for g in gradients]
+    _sparse.record_sparse_gradients(model, variables, gradients)
     _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
 
     global_samples = _sum_over_replicas(samples)
@@ -125,7 +126,12 @@ def accumulate_micro_batch(model, data):
     state.reference_divisor.assign(weights.reference_divisor)
     state.window_samples.assign_add(global_samples)
     state.add_samples_seen(global_samples)
-    state.micro_step.assign_add(1)
+    # Tied to the data: when a dataset of unknown length runs out, Keras calls
+    # the step once more and its `get_next` fails, but a counter increment that
+    # does not depend on the data may still run (plain Keras counts such a call
+    # in `optimizer.iterations`), which would open a window with no gradient.
+    with tf.control_dependencies([samples]):
+        state.micro_step.assign_add(1)
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     if _keras_internals.in_multi_worker_mode(model.distribute_strategy):
         # Keras 3.15 averages step logs across workers along axis 0, which
@@ -223,6 +229,8 @@ class TrainFunction:
             # which Keras runs up to `steps_per_execution` items.
             iterator = list(itertools.islice(iterator, steps))
             steps = len(iterator)
+        if getattr(model, "_accumulation_host_micro_step", None) is None:
+            _sparse.new_fit(model)  # forgotten at fit() start (and when state is loaded)
         micro_step = _host_micro_step(model)
         k = model.accumulation_steps
         if micro_step + steps < k:
@@ -230,6 +238,7 @@ class TrainFunction:
         else:
             logs = self.accumulate_and_apply(iterator)
         model._accumulation_host_micro_step = micro_step_after(micro_step, steps, k)
+        _sparse.warn_once_per_fit(model)
         return logs
 
 
@@ -421,17 +430,34 @@ def make_train_function(model) -> TrainFunction:
     return TrainFunction(model)
 
 
-def make_apply_function(model):
-    """A function that applies the open window now (used at epoch ends)."""
-    strategy = model.distribute_strategy
+class _ApplyPending:
+    """Applies a model's open window now (see `make_apply_function`).
 
-    def apply_pending():
+    A callable object rather than a closure: TensorFlow counts the traces of
+    all functions with the same code together, so each model tracing its own
+    closure (once, as it must) would add up to a "triggered tf.function
+    retracing" warning after a few models; an object is counted on its own.
+    """
+
+    def __init__(self, model):
+        self._model = model
+        self._strategy = model.distribute_strategy
+
+    def __call__(self):
         if tf.distribute.in_cross_replica_context():
-            strategy.run(apply_window, args=(model,))
+            self._strategy.run(apply_window, args=(self._model,))
         else:
             # Called from inside an eager step (see `executing_eagerly`).
-            apply_window(model)
+            apply_window(self._model)
 
+
+def make_apply_function(model):
+    """A function that applies the open window now (used at epoch ends).
+
+    Traced once per model and optimizer (the model keeps it until ``compile()``
+    or a rebuilt train function replaces what it captured).
+    """
+    apply_pending = _ApplyPending(model)
     if model.run_eagerly:
         return apply_pending
     return tf.function(apply_pending)

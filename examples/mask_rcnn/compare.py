@@ -160,7 +160,7 @@ def make_optimizer(mode):
 
 def run_arm(name, mode, out_path, coco_dir=None, image_size=None):
     """Train one arm; write its record as JSON."""
-    from examples.mask_rcnn import quiet
+    from examples import quiet
 
     quiet.import_tensorflow()
     import keras

@@ -62,7 +62,7 @@ def _peak_rss_mb():
 
 def measure(size, arm):
     """Train one (size, arm) in this process; returns its record."""
-    from examples.mask_rcnn import quiet
+    from examples import quiet
 
     quiet.import_tensorflow()
     import keras

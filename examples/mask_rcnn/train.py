@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.mask_rcnn import quiet
+from examples import quiet
 
 quiet.import_tensorflow()
 

@@ -258,6 +258,17 @@ def count_samples(low: Any, blocks: Any, samples: Any) -> tuple[Any, Any]:
     return total - carry * SAMPLES_BLOCK, blocks + carry
 
 
+def _zeros(shape, dtype: str, name: str, **distribution):
+    return keras.Variable(
+        initializer="zeros", shape=shape, dtype=dtype, trainable=False, name=name, **distribution
+    )
+
+
+def _accumulator_name(variable: Any) -> str:
+    name: str | None = getattr(variable, "name", None)
+    return f"accumulated_{name or 'gradient'}"
+
+
 def _same_layout(variable: Any) -> dict:
     """The layout argument that puts an accumulator where its variable is.
 
@@ -277,14 +288,3 @@ def _same_layout(variable: Any) -> dict:
     """
     layout = getattr(variable, "_layout", None)
     return {} if layout is None else {"layout": layout}
-
-
-def _zeros(shape, dtype: str, name: str, **distribution):
-    return keras.Variable(
-        initializer="zeros", shape=shape, dtype=dtype, trainable=False, name=name, **distribution
-    )
-
-
-def _accumulator_name(variable: Any) -> str:
-    name: str | None = getattr(variable, "name", None)
-    return f"accumulated_{name or 'gradient'}"

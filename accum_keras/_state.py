@@ -271,6 +271,17 @@ def count_samples(low: Any, blocks: Any, samples: Any) -> tuple[Any, Any]:
     return total - carry * SAMPLES_BLOCK, blocks + carry
 
 
+def _zeros(shape, dtype: str, name: str, **distribution):
+    return keras.Variable(
+        initializer="zeros", shape=shape, dtype=dtype, trainable=False, name=name, **distribution
+    )
+
+
+def _accumulator_name(variable: Any) -> str:
+    name: str | None = getattr(variable, "name", None)
+    return f"accumulated_{name or 'gradient'}"
+
+
 def _same_layout(variable: Any) -> dict:
     """The layout argument that puts an accumulator where its variable is.
 
@@ -306,13 +317,3 @@ def accumulator_dtype(variable: Any, choice: str) -> str:
         return keras.backend.standardize_dtype(variable.dtype)
     return choice
 
-
-def _zeros(shape, dtype: str, name: str, **distribution):
-    return keras.Variable(
-        initializer="zeros", shape=shape, dtype=dtype, trainable=False, name=name, **distribution
-    )
-
-
-def _accumulator_name(variable: Any) -> str:
-    name: str | None = getattr(variable, "name", None)
-    return f"accumulated_{name or 'gradient'}"

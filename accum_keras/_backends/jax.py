@@ -171,7 +171,14 @@ def sync_window_state(model) -> None:
 
 
 def add_window_shardings(model, shardings: tuple) -> tuple:
-    """Extends ``_get_state_sharding_spec``'s optimizer entry like `add_window_state`."""
+    """Extends ``_get_state_sharding_spec``'s optimizer entry like `add_window_state`.
+
+    The compiled step returns each window value with the layout it came in
+    with. Accumulators are created with their variable's layout (see
+    `AccumulationState.follow`), so a sharded variable's accumulator stays
+    sharded like it: the step adds each gradient where the accumulator lies
+    and never gathers or re-shards it between micro-batches.
+    """
     trainable, non_trainable, optimizer, metrics = shardings
     extra = [v.value.sharding for v in written_variables(model) + read_only_variables(model)]
     return trainable, non_trainable, list(optimizer) + extra, metrics

@@ -1,0 +1,216 @@
+"""JAX's distribution API: sharded models on eight host devices, and two processes.
+
+Both need JAX configured before it starts (eight CPU devices through
+``XLA_FLAGS``; gloo collectives and `keras.distribution.initialize`), so the
+cases run in their own processes (`tests/backends/jax_model_parallel_worker.py`,
+`tests/backends/jax_multi_process_worker.py`), whatever backend this process
+runs; these tests start them and check what they print.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import RTOL
+
+BACKENDS = os.path.join(os.path.dirname(__file__), "backends")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None,
+    reason="jax is not installed (pip install -e '.[jax,test]' runs these tests)",
+)
+
+
+def _jax_env(tmp_path, **extra) -> dict[str, str]:
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    # Within one run, XLA executables are reused across the worker's models.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    return env
+
+
+def _last_json_line(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# -- ModelParallel on eight host devices -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_parallel(tmp_path_factory):
+    env = _jax_env(tmp_path_factory.mktemp("model_parallel"))
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+    command = [sys.executable, os.path.join(BACKENDS, "jax_model_parallel_worker.py")]
+    if importlib.util.find_spec("keras_hub") is None:
+        command.append("--no-keras-hub")
+    completed = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = _last_json_line(completed.stdout)
+    assert results["devices"] == 8
+    return results["cases"]
+
+
+def _case(model_parallel, name):
+    if name not in model_parallel:
+        pytest.skip("keras-hub is not installed (pip install -e '.[hub]' installs it)")
+    return model_parallel[name]
+
+
+CASES = ["functional", "gemma", "gemma_lora"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_accumulator_has_its_variables_layout(model_parallel, name):
+    case = _case(model_parallel, name)
+    assert case["variables"] == case["trainable"], "one accumulator per trainable variable"
+    for path, expected, actual in zip(
+        case["variables"], case["variable_specs"], case["accumulator_specs"], strict=True
+    ):
+        assert actual == expected, (path, actual, expected)
+    if name != "gemma_lora":
+        # The case does test sharded layouts (LoRA's factors are replicated).
+        assert case["sharded_variables"] >= 4
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_accumulators_take_no_more_memory_per_device_than_the_weights(model_parallel, name):
+    case = _case(model_parallel, name)
+    # As Keras' own slots: Adam keeps two per weight, each laid out like it.
+    assert case["adam_slot_bytes"] == 2 * case["weight_bytes"]
+    assert case["accumulator_bytes"] <= case["weight_bytes"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_model_parallel_training_equals_plain_keras_on_the_big_batch(model_parallel, name):
+    case = _case(model_parallel, name)
+    assert case["updates"] == case["reference_updates"] == 4
+    assert case["difference"] <= RTOL, case["difference"]
+
+
+def test_lora_accumulates_only_the_lora_weights(model_parallel):
+    case = _case(model_parallel, "gemma_lora")
+    # `enable_lora` on the query and value projections of the one block:
+    # two factors each, and nothing else trainable.
+    assert case["lora_variables"] == len(case["variables"]) == 4
+
+
+def _counts(collectives: list) -> collections.Counter:
+    return collections.Counter(tuple(entry) for entry in collectives)
+
+
+def test_the_compiled_steps_do_not_gather_the_accumulators(model_parallel):
+    case = model_parallel["functional"]
+    collectives = case["collectives"]
+    plain = _counts(collectives["plain"])
+    # The program that runs on the micro-batches that cannot close a window
+    # communicates no more than Keras' own step (which gathers only the
+    # activations its layout needs).
+    assert not _counts(collectives["accumulate"]) - plain, collectives
+    # Neither program gathers a sharded accumulator to its full shape.
+    sharded = {
+        shape
+        for shape, spec in zip(case["accumulator_shapes"], case["accumulator_specs"])
+        if any(axis is not None for axis in spec)
+    }
+    for program in ("accumulate", "apply"):
+        extra = _counts(collectives[program]) - plain
+        gathered = {shape for (shape, kind) in extra.elements() if kind == "all-gather"}
+        assert not gathered & sharded, (program, gathered & sharded)
+
+
+# -- DataParallel across two processes --------------------------------------------
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_two_processes(env, directory, timeout: float) -> list[tuple[int, str, str]]:
+    """Starts both processes on a fresh coordinator port and waits for both.
+
+    Bounded: the first failure or the deadline ends both (a process whose
+    peer died would otherwise wait for it until JAX's own timeout).
+    """
+    port = _free_loopback_port()
+    worker = os.path.join(BACKENDS, "jax_multi_process_worker.py")
+    processes, logs = [], []
+    try:
+        for process_id in range(2):
+            # Files, not pipes: nobody reads a pipe while we wait.
+            out = open(directory / f"process_{process_id}.out", "w+")  # noqa: SIM115
+            err = open(directory / f"process_{process_id}.err", "w+")  # noqa: SIM115
+            logs.append((out, err))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, worker, str(port), str(process_id)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=err,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in processes):
+            if any(p.returncode not in (None, 0) for p in processes):
+                break
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(worker, timeout)
+            time.sleep(0.2)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    outputs = []
+    for process, (out, err) in zip(processes, logs):
+        out.seek(0)
+        err.seek(0)
+        outputs.append((process.returncode, out.read(), err.read()))
+        out.close()
+        err.close()
+    return outputs
+
+
+def test_two_jax_processes_train_like_plain_keras_on_the_global_big_batch(tmp_path):
+    env = _jax_env(tmp_path)
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    try:
+        outputs = _run_two_processes(env, tmp_path, timeout=300)
+        if any(code != 0 and "in use" in stderr for code, _, stderr in outputs):
+            # Another program took the probed port before the coordinator
+            # bound it: once more on another one.
+            outputs = _run_two_processes(env, tmp_path, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two JAX processes did not finish within 300 s")
+    results = []
+    for code, stdout, stderr in outputs:
+        assert code == 0, stderr[-3000:]
+        results.append(_last_json_line(stdout))
+    assert [r["process_id"] for r in results] == [0, 1]
+    for result in results:
+        assert result["processes"] == 2 and result["devices"] == 2
+        assert result["updates"] == result["reference_updates"] == 4
+        assert result["difference"] <= RTOL, result["difference"]
+        # 60 samples, global micro-batches of 8 (4 from each process) and
+        # windows of 4: updates of 32 and 28 samples, in each epoch.
+        assert result["effective_batch_size"] == [30.0, 30.0]
+    for mine, theirs in zip(results[0]["weights"], results[1]["weights"], strict=True):
+        np.testing.assert_array_equal(mine, theirs)

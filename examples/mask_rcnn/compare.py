@@ -316,7 +316,7 @@ def main(argv=None):
     )  # fmt: skip
     parser.add_argument(
         "--smoke", action="store_true",
-        help="with --coco: seconds-long run of a tiny model with SGD (used by the tests)",
+        help="with --coco: short run of a tiny model with SGD (used by the tests)",
     )  # fmt: skip
     parser.add_argument(
         "--image-size", type=int, help="with --coco: side of the square model input (64)"

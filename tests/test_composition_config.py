@@ -92,10 +92,11 @@ def test_accumulate_compiles_the_twin_with_the_original_objects(case):
     assert list(twin.loss) == list(base.loss)  # the same functions
     for setting in ("run_eagerly", "jit_compile", "steps_per_execution"):
         assert getattr(twin, setting) == getattr(base, setting), setting
-    x, _ = regression_data(samples=64)
+    samples = 32  # two windows
+    x, _ = regression_data(samples=samples)
     rng = np.random.default_rng(1)
-    y = [rng.normal(size=(64, 1)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")]
-    sample_weight = rng.random(64).astype("float32")
+    y = [rng.normal(size=(samples, n)).astype("float32") for n in (1, 2)]
+    sample_weight = rng.random(samples).astype("float32")
     kwargs = dict(epochs=1, shuffle=False, verbose=0, sample_weight=sample_weight)
     twin_history = twin.fit(x, y, batch_size=MICRO, **kwargs).history
     plain_history = plain.fit(x, y, batch_size=MICRO * K, **kwargs).history

@@ -19,6 +19,10 @@ K = 4
 MICRO = 4
 
 
+def _layers():
+    return [keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)]
+
+
 # -- accumulate() compiles its twin with the original objects -----------------
 
 
@@ -143,54 +147,54 @@ class _RateIdioms(keras.callbacks.Callback):
         )
 
 
-class _SetRate(keras.callbacks.Callback):
-    """The reference: plain Keras given the applied rate of each epoch."""
+class _SetRatePerUpdate(keras.callbacks.Callback):
+    """The reference: plain Keras given, before each update, the rate to apply."""
 
     def __init__(self, rates):
         super().__init__()
         self.rates = rates
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.optimizer.learning_rate.assign(self.rates[epoch])
+    def on_train_batch_begin(self, batch, logs=None):
+        update = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.model.optimizer.learning_rate.assign(self.rates[update])
 
 
 def test_scaled_rate_reads_and_assigns_like_a_keras_variable():
-    base_rate, new_rate = 0.01, 0.02
+    base_rate, new_rate, warmup = 0.01, 0.02, 3
     keras.utils.set_random_seed(0)
-    model = accum_keras.Sequential(
-        [keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)],
-        accumulation_steps=K,
-    )
-    plain = keras.Sequential(
-        [keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)]
-    )
+    model = accum_keras.Sequential(_layers(), accumulation_steps=K)
+    plain = keras.Sequential(_layers())
     plain.set_weights(model.get_weights())
     model.compile(optimizer=keras.optimizers.SGD(base_rate), loss="mse")
     plain.compile(optimizer=keras.optimizers.SGD(base_rate), loss="mse")
-    x, y = regression_data(samples=32)
+    x, y = regression_data(samples=32)  # two updates per epoch
     idioms = _RateIdioms(new_rate)
+    scaling = accum_keras.AccumulationCallback(lr_scaling="linear", warmup_updates=warmup)
     model.fit(
-        x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0,
-        callbacks=[accum_keras.AccumulationCallback(lr_scaling="linear"), idioms],
-    )  # fmt: skip
-    # linear scaling by k at epoch 0; the assigned rate is applied from epoch 1
-    np.testing.assert_allclose(idioms.seen, [[K * base_rate] * 4, [new_rate] * 4], rtol=1e-6)
+        x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0, callbacks=[scaling, idioms]
+    )
+
+    # By hand: the multiplier warms up from 1 to k over `warmup` updates; the
+    # rate assigned before update 2 is the rate applied at update 2, and the
+    # warmup goes on acting relative to it.
+    def multiplier(update):
+        return 1 + (K - 1) * min(1.0, update / warmup)
+
+    new_base = new_rate / multiplier(2)
+    rates = [base_rate * multiplier(u) for u in (0, 1)] + [new_base * multiplier(u) for u in (2, 3)]
+    np.testing.assert_allclose(idioms.seen, [[rates[0]] * 4, [rates[2]] * 4], rtol=1e-6)
     plain.fit(
         x, y, batch_size=MICRO * K, epochs=2, shuffle=False, verbose=0,
-        callbacks=[_SetRate([K * base_rate, new_rate])],
+        callbacks=[_SetRatePerUpdate(rates)],
     )  # fmt: skip
     assert_same_training(model, plain)
     # After the fit the optimizer has its own rate, with the change kept unscaled.
     rate = model.optimizer.learning_rate
     assert isinstance(rate, keras.Variable)
-    np.testing.assert_allclose(float(rate.numpy()), new_rate / K, rtol=1e-6)
+    np.testing.assert_allclose(float(rate.numpy()), new_base, rtol=1e-6)
 
 
 # -- gaps: each test kills a one-line change that the suite let through --------
-
-
-def _layers():
-    return [keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)]
 
 
 def _twins(accumulation_steps=K, rate=0.05, **options):

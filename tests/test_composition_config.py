@@ -108,6 +108,20 @@ def test_accumulate_compiles_the_twin_with_the_original_objects(case):
     assert sorted(twin_history) == sorted(plain_history)
 
 
+def test_accumulate_compiles_the_twin_with_settings_changed_after_compile():
+    # Keras reads these attributes at fit() time, so users set them after
+    # compile(); the twin trains as the model would now.
+    base = _two_heads()
+    base.compile(optimizer="sgd", loss="mse", jit_compile=BACKEND != "torch")
+    base.run_eagerly = True
+    base.jit_compile = False
+    if BACKEND != "torch":  # torch allows only 1
+        base.steps_per_execution = 2
+    twin = accum_keras.accumulate(base, accumulation_steps=K)
+    for setting in ("run_eagerly", "jit_compile", "steps_per_execution"):
+        assert getattr(twin, setting) == getattr(base, setting), setting
+
+
 def test_accumulate_keeps_an_unscaled_optimizer_under_mixed_precision():
     # A model compiled with auto_scale_loss=False keeps its plain optimizer:
     # compiling the twin must not wrap it in a LossScaleOptimizer.

@@ -74,10 +74,10 @@ COMPILE_CASES = {
         "loss": [_closure_loss(3.0), "mse"],
         "run_eagerly": True,
     },
-    "steps_per_execution_jit_compile": lambda: {
+    # (jit_compile: see the test below; XLA training is tests/test_xla.py's)
+    "steps_per_execution": lambda: {
         "loss": ["mse", script_loss],
         "steps_per_execution": 1 if BACKEND == "torch" else 3,  # torch: 1 only
-        "jit_compile": BACKEND != "torch",
     },
 }
 

@@ -96,7 +96,7 @@ def test_accumulate_compiles_the_twin_with_the_original_objects(case):
     assert list(twin.loss) == list(base.loss)  # the same functions
     for setting in ("run_eagerly", "jit_compile", "steps_per_execution"):
         assert getattr(twin, setting) == getattr(base, setting), setting
-    samples = 32  # two windows
+    samples = MICRO * K  # one window: what matters here is how the twin is compiled
     x, _ = regression_data(samples=samples)
     rng = np.random.default_rng(1)
     y = [rng.normal(size=(samples, n)).astype("float32") for n in (1, 2)]

@@ -19,6 +19,10 @@ K = 4
 MICRO = 4
 
 
+def _layers():
+    return [keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)]
+
+
 # -- accumulate() compiles its twin with the original objects -----------------
 
 
@@ -70,10 +74,10 @@ COMPILE_CASES = {
         "loss": [_closure_loss(3.0), "mse"],
         "run_eagerly": True,
     },
-    "steps_per_execution_jit_compile": lambda: {
+    # (jit_compile: see the test below; XLA training is tests/test_xla.py's)
+    "steps_per_execution": lambda: {
         "loss": ["mse", script_loss],
         "steps_per_execution": 1 if BACKEND == "torch" else 3,  # torch: 1 only
-        "jit_compile": BACKEND != "torch",
     },
 }
 
@@ -92,15 +96,31 @@ def test_accumulate_compiles_the_twin_with_the_original_objects(case):
     assert list(twin.loss) == list(base.loss)  # the same functions
     for setting in ("run_eagerly", "jit_compile", "steps_per_execution"):
         assert getattr(twin, setting) == getattr(base, setting), setting
-    x, _ = regression_data(samples=64)
+    samples = MICRO * K  # one window: what matters here is how the twin is compiled
+    x, _ = regression_data(samples=samples)
     rng = np.random.default_rng(1)
-    y = [rng.normal(size=(64, 1)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")]
-    sample_weight = rng.random(64).astype("float32")
+    y = [rng.normal(size=(samples, n)).astype("float32") for n in (1, 2)]
+    sample_weight = rng.random(samples).astype("float32")
     kwargs = dict(epochs=1, shuffle=False, verbose=0, sample_weight=sample_weight)
     twin_history = twin.fit(x, y, batch_size=MICRO, **kwargs).history
     plain_history = plain.fit(x, y, batch_size=MICRO * K, **kwargs).history
     assert_same_training(twin, plain)
     assert sorted(twin_history) == sorted(plain_history)
+
+
+@pytest.mark.parametrize("setting", ["run_eagerly", "jit_compile", "steps_per_execution"])
+def test_accumulate_compiles_the_twin_with_settings_changed_after_compile(setting):
+    # Keras reads these attributes at fit() time, so users set them after
+    # compile(); the twin trains as the model would now. (One at a time:
+    # run_eagerly=True would switch jit_compile off anyway.)
+    if BACKEND == "torch" and setting != "run_eagerly":
+        pytest.skip("PyTorch allows neither jit_compile=True nor steps_per_execution > 1")
+    base = _two_heads()
+    base.compile(optimizer="sgd", loss="mse", jit_compile=BACKEND != "torch")
+    changed = {"run_eagerly": True, "jit_compile": False, "steps_per_execution": 2}[setting]
+    setattr(base, setting, changed)
+    twin = accum_keras.accumulate(base, accumulation_steps=K)
+    assert getattr(twin, setting) == changed
 
 
 def test_accumulate_keeps_an_unscaled_optimizer_under_mixed_precision():
@@ -142,54 +162,54 @@ class _RateIdioms(keras.callbacks.Callback):
         )
 
 
-class _SetRate(keras.callbacks.Callback):
-    """The reference: plain Keras given the applied rate of each epoch."""
+class _SetRatePerUpdate(keras.callbacks.Callback):
+    """The reference: plain Keras given, before each update, the rate to apply."""
 
     def __init__(self, rates):
         super().__init__()
         self.rates = rates
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.optimizer.learning_rate.assign(self.rates[epoch])
+    def on_train_batch_begin(self, batch, logs=None):
+        update = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.model.optimizer.learning_rate.assign(self.rates[update])
 
 
 def test_scaled_rate_reads_and_assigns_like_a_keras_variable():
-    base_rate, new_rate = 0.01, 0.02
+    base_rate, new_rate, warmup = 0.01, 0.02, 3
     keras.utils.set_random_seed(0)
-    model = accum_keras.Sequential(
-        [keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)],
-        accumulation_steps=K,
-    )
-    plain = keras.Sequential(
-        [keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)]
-    )
+    model = accum_keras.Sequential(_layers(), accumulation_steps=K)
+    plain = keras.Sequential(_layers())
     plain.set_weights(model.get_weights())
     model.compile(optimizer=keras.optimizers.SGD(base_rate), loss="mse")
     plain.compile(optimizer=keras.optimizers.SGD(base_rate), loss="mse")
-    x, y = regression_data(samples=32)
+    x, y = regression_data(samples=32)  # two updates per epoch
     idioms = _RateIdioms(new_rate)
+    scaling = accum_keras.AccumulationCallback(lr_scaling="linear", warmup_updates=warmup)
     model.fit(
-        x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0,
-        callbacks=[accum_keras.AccumulationCallback(lr_scaling="linear"), idioms],
-    )  # fmt: skip
-    # linear scaling by k at epoch 0; the assigned rate is applied from epoch 1
-    np.testing.assert_allclose(idioms.seen, [[K * base_rate] * 4, [new_rate] * 4], rtol=1e-6)
+        x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0, callbacks=[scaling, idioms]
+    )
+
+    # By hand: the multiplier warms up from 1 to k over `warmup` updates; the
+    # rate assigned before update 2 is the rate applied at update 2, and the
+    # warmup goes on acting relative to it.
+    def multiplier(update):
+        return 1 + (K - 1) * min(1.0, update / warmup)
+
+    new_base = new_rate / multiplier(2)
+    rates = [base_rate * multiplier(u) for u in (0, 1)] + [new_base * multiplier(u) for u in (2, 3)]
+    np.testing.assert_allclose(idioms.seen, [[rates[0]] * 4, [rates[2]] * 4], rtol=1e-6)
     plain.fit(
         x, y, batch_size=MICRO * K, epochs=2, shuffle=False, verbose=0,
-        callbacks=[_SetRate([K * base_rate, new_rate])],
+        callbacks=[_SetRatePerUpdate(rates)],
     )  # fmt: skip
     assert_same_training(model, plain)
     # After the fit the optimizer has its own rate, with the change kept unscaled.
     rate = model.optimizer.learning_rate
     assert isinstance(rate, keras.Variable)
-    np.testing.assert_allclose(float(rate.numpy()), new_rate / K, rtol=1e-6)
+    np.testing.assert_allclose(float(rate.numpy()), new_base, rtol=1e-6)
 
 
 # -- gaps: each test kills a one-line change that the suite let through --------
-
-
-def _layers():
-    return [keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)]
 
 
 def _twins(accumulation_steps=K, rate=0.05, **options):

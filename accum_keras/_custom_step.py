@@ -226,7 +226,10 @@ class _Interception:
                 )
             accumulator = state.gradients[position]
             contribution = ops.cast(ops.convert_to_tensor(gradient), "float32") * weight
-            accumulator.assign(ops.where(is_first, contribution, accumulator.value + contribution))
+            # `ops.add` sums a half-precision accumulator in float32; the
+            # assignment rounds it once.
+            total = ops.add(accumulator.value, contribution)
+            accumulator.assign(ops.where(is_first, contribution, total))
             pairs.append((position, variable))
         self.applied.append((optimizer, pairs))
 
@@ -327,7 +330,7 @@ def apply_window(model) -> None:
     for optimizer, pairs in _window_updates(model):
         if not pairs:
             continue
-        gradients = [ops.cast(state.gradients[i].value / total, v.dtype) for i, v in pairs]
+        gradients = [ops.cast(ops.divide(state.gradients[i].value, total), v.dtype) for i, v in pairs]
         updates.append((optimizer, gradients, [v for _, v in pairs]))
     _apply.apply_window(model, updates)
 

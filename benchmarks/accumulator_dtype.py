@@ -6,7 +6,10 @@ For each ``k`` in ``--steps`` and each model dtype (a float32 model, and the
 same model held in bfloat16 with the dtype policy ``"bfloat16"``, so that the
 weights themselves are bfloat16), models start from the same initial weights
 (rounded to bfloat16, so that both model dtypes start from identical values)
-and make ``--updates`` Adam updates on the same data in the same order:
+and make ``--updates`` updates of SGD with momentum on the same data in the
+same order (not Adam: Keras' Adam computes in the variable's dtype, and
+``beta_2 = 0.999`` in bfloat16 is 1.0, so a bfloat16 model under Adam never
+moves):
 
 - reference: a plain float32 ``keras.Model``, ``fit(batch_size=b * k)``;
 - plain: a plain ``keras.Model`` in the model dtype on the big batch (for the
@@ -60,6 +63,7 @@ import accum_keras
 FEATURES, HIDDEN, OUTPUTS = 16, 32, 4
 MODEL_DTYPES = ("float32", "bfloat16")
 ACCUMULATOR_DTYPES = ("float32", "bfloat16", "float16")
+LEARNING_RATE = 0.02
 
 
 def layers():
@@ -89,6 +93,10 @@ def initial_weights(seed: int) -> list[np.ndarray]:
         keras.config.set_dtype_policy("float32")
 
 
+def optimizer():
+    return keras.optimizers.SGD(LEARNING_RATE, momentum=0.9)
+
+
 def train(model_dtype, init, x, y, batch_size, k=None, accumulator_dtype=None):
     """Trains one arm; returns its weights (float64) and its accumulator memory ratio."""
     keras.config.set_dtype_policy(model_dtype)
@@ -100,7 +108,7 @@ def train(model_dtype, init, x, y, batch_size, k=None, accumulator_dtype=None):
                 *layers(), accumulation_steps=k, accumulator_dtype=accumulator_dtype
             )
         model.set_weights(init)
-        model.compile(keras.optimizers.Adam(1e-3), loss="mse", steps_per_execution=k or 1)
+        model.compile(optimizer(), loss="mse", steps_per_execution=k or 1)
         model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
     finally:
         keras.config.set_dtype_policy("float32")
@@ -233,7 +241,8 @@ def main(argv=None):
     print(
         f"backend {keras.backend.backend()}, keras {keras.__version__}, "
         f"accum_keras {accum_keras.__version__} ({library_revision()}); "
-        f"{args.updates} Adam(1e-3) updates, micro-batch {args.micro_batch}, "
+        f"{args.updates} updates of SGD({LEARNING_RATE}, momentum=0.9), "
+        f"micro-batch {args.micro_batch}, "
         f"MLP {FEATURES}-{HIDDEN}-{HIDDEN}-{OUTPUTS}"
     )
     init = initial_weights(args.seed)

@@ -211,3 +211,53 @@ def test_a_bfloat16_window_saved_mid_window_resumes_exactly(policy, fmt, tmp_pat
         kernel_of(uninterrupted),
         simulated_kernel(x, y, ml_dtypes.bfloat16, ml_dtypes.bfloat16),
     )
+
+
+class CustomStepLinear(accum_keras.AccumulatingModel, keras.Model):
+    """A user-written ``train_step`` (keras.io style) on the zero-initialized linear model."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, data):
+        x, y = data
+        variables = self.trainable_variables
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                loss = keras.ops.mean(keras.ops.square(self(x) - y))
+            gradients = tape.gradient(loss, variables)
+            self.optimizer.apply(gradients, variables)
+        else:
+            import torch
+
+            self.zero_grad()
+            loss = keras.ops.mean(keras.ops.square(self(x) - y))
+            loss.backward()
+            with torch.no_grad():
+                self.optimizer.apply([v.value.grad for v in variables], variables)
+        return {"loss": loss}
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "jax", reason="custom train_step accumulation is not on JAX"
+)
+def test_a_custom_train_step_rounds_as_documented():
+    x, y = integer_data(high=32)
+    model = CustomStepLinear(accumulation_steps=K, accumulator_dtype="bfloat16")
+    model(x[:1])
+    model.compile(keras.optimizers.SGD(1.0))
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1
+    state = model._accumulation_state
+    assert [keras.backend.standardize_dtype(a.dtype) for a in state.gradients] == ["bfloat16"]
+    # The custom path sums MICRO * g_n and divides by the window's samples:
+    # power-of-two rescalings of the same sums, so the same rounding.
+    np.testing.assert_array_equal(
+        kernel_of(model), simulated_kernel(x, y, ml_dtypes.bfloat16, np.float32)
+    )

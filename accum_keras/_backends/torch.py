@@ -14,7 +14,7 @@ built or loaded. Everything else (the window's divisors, counters, the update
 scale) stays on the device.
 
 The accumulators are the parameters' ``.grad``. For the duration of the
-backward pass each parameter's ``.grad`` *is* its float32 accumulator
+backward pass each parameter's ``.grad`` *is* its accumulator
 (`AccumulationState.gradients`, the tensors that are saved), so autograd adds
 the micro-batch's gradient into it in place: no per-step gradient tensors are
 kept alive next to the accumulators and no separate add runs, and the memory
@@ -22,8 +22,10 @@ is that of plain Keras (parameters plus one gradient buffer each). ``.grad`` is
 reset to `None` after the backward pass, so nothing else (``zero_grad``, a
 plain Keras step) can touch the window. Variables that get no gradient (found
 on the first micro-step, by gradient hooks) are passed to the optimizer as
-`None`, as plain Keras does. Parameters that are not float32 (or not dense)
-use ``torch.autograd.grad`` and an explicit add instead.
+`None`, as plain Keras does. Parameters whose accumulator has another dtype
+(float32 accumulators of a bfloat16 model, or bfloat16 ones of a float32
+model; see ``accumulator_dtype``) or that are not dense use
+``torch.autograd.grad`` and an explicit add instead.
 """
 
 from __future__ import annotations

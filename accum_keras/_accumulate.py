@@ -67,7 +67,7 @@ def accumulate(
         if accumulator_dtype not in (None, model.accumulator_dtype):
             raise ValueError(
                 "accumulate() cannot change the accumulator dtype of an accumulating "
-                f"model (it is fixed at construction): the model has "
+                f"model (it is fixed once its accumulators exist): the model has "
                 f"accumulator_dtype={model.accumulator_dtype!r}. Received: "
                 f"accumulator_dtype={accumulator_dtype!r}."
             )
@@ -111,7 +111,7 @@ def clone_model(model: keras.Model, **kwargs) -> keras.Model:
     `keras.models.clone_model` returns a model that trains with
     ``accumulation_steps=1`` (see docs/your-model.md). This function returns
     a clone of the same class with the same model options
-    (``accumulation_steps``, ``skip_nonfinite_updates``). Like Keras' clone,
+    (``accumulation_steps``, ``skip_nonfinite_updates``, ``accumulator_dtype``). Like Keras' clone,
     its layers are new (freshly initialized unless ``clone_function`` says
     otherwise) and it is compiled as ``model`` was, with a new optimizer.
     Other models are cloned by Keras unchanged.

@@ -330,7 +330,9 @@ def apply_window(model) -> None:
     for optimizer, pairs in _window_updates(model):
         if not pairs:
             continue
-        gradients = [ops.cast(ops.divide(state.gradients[i].value, total), v.dtype) for i, v in pairs]
+        gradients = [
+            ops.cast(ops.divide(state.gradients[i].value, total), v.dtype) for i, v in pairs
+        ]
         updates.append((optimizer, gradients, [v for _, v in pairs]))
     _apply.apply_window(model, updates)
 

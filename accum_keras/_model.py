@@ -32,7 +32,7 @@ _SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 # The mixin's own constructor arguments: how a model trains, which a clone or
 # a conversion of the model must keep (each is also a settable attribute).
-MODEL_OPTIONS = ("accumulation_steps", "skip_nonfinite_updates")
+MODEL_OPTIONS = ("accumulation_steps", "skip_nonfinite_updates", "accumulator_dtype")
 
 
 def _backend_module():
@@ -153,8 +153,29 @@ class AccumulatingModel:
 
     @property
     def accumulator_dtype(self) -> str:
-        """The dtype choice of the accumulators (see the class docstring); fixed at construction."""
+        """The dtype choice of the accumulators (see the class docstring).
+
+        Settable until the accumulators exist (they are created by the first
+        training step, ``fit()`` or load); after that it is fixed, since
+        changing it would round (or drop) an open window.
+        """
         return self._accumulation_state.accumulator_dtype
+
+    @accumulator_dtype.setter
+    def accumulator_dtype(self, value: str) -> None:
+        value = check_accumulator_dtype(value)
+        state = self._accumulation_state
+        if value == state.accumulator_dtype:
+            return
+        if state.gradients:
+            raise ValueError(
+                "`accumulator_dtype` can only be set before the accumulators exist "
+                "(before the model's first training step, fit() or load); this model "
+                f"accumulates in accumulator_dtype={state.accumulator_dtype!r}. Build a "
+                f"new model with accumulator_dtype={value!r} and copy the weights. "
+                f"Received: accumulator_dtype={value!r}."
+            )
+        state.accumulator_dtype = value
 
     @property
     def pending_micro_steps(self) -> int:
@@ -217,7 +238,7 @@ class AccumulatingModel:
         model.skip_nonfinite_updates = skip
         # Before any accumulator exists: they are created at the first fit
         # or load, in this dtype.
-        model._accumulation_state.accumulator_dtype = accumulator_dtype
+        model.accumulator_dtype = accumulator_dtype
         return model
 
     # -- compile / fit / evaluate hooks ------------------------------------

@@ -316,4 +316,3 @@ def accumulator_dtype(variable: Any, choice: str) -> str:
     if choice == "variable":
         return keras.backend.standardize_dtype(variable.dtype)
     return choice
-

@@ -173,6 +173,34 @@ def test_config_keeps_the_dtype_and_float32_stays_out_of_it():
     assert accum_keras.Model.from_config(config).accumulator_dtype == "variable"
 
 
+def test_clones_and_conversions_keep_the_dtype():
+    model = linear_model("bfloat16")
+    assert accum_keras.clone_model(model).accumulator_dtype == "bfloat16"
+    sequential = accum_keras.Sequential(
+        [keras.Input((FEATURES,)), keras.layers.BatchNormalization(), keras.layers.Dense(1)],
+        accumulation_steps=4,
+        accumulator_dtype="float16",
+    )
+    converted = accum_keras.layers.convert_batch_normalization(sequential)
+    assert type(converted) is accum_keras.Sequential
+    assert converted.accumulator_dtype == "float16"
+    assert accum_keras.clone_model(sequential).accumulator_dtype == "float16"
+
+
+def test_the_dtype_is_settable_until_the_accumulators_exist():
+    model = linear_model()
+    model.accumulator_dtype = "bfloat16"
+    x, y = integer_data()
+    model.fit(x[: 2 * MICRO], y[: 2 * MICRO], batch_size=MICRO, verbose=0)
+    state = model._accumulation_state
+    assert [keras.backend.standardize_dtype(a.dtype) for a in state.gradients] == ["bfloat16"]
+    model.accumulator_dtype = "bfloat16"  # unchanged: fine
+    with pytest.raises(ValueError, match="can only be set before the accumulators exist"):
+        model.accumulator_dtype = "float32"
+    with pytest.raises(ValueError, match="`accumulator_dtype` must be one of"):
+        model.accumulator_dtype = "half"
+
+
 @pytest.mark.parametrize("policy", ["bfloat16"], indirect=True)
 @pytest.mark.parametrize("fmt", ["keras", "weights.h5"])
 def test_a_bfloat16_window_saved_mid_window_resumes_exactly(policy, fmt, tmp_path):

@@ -124,7 +124,13 @@ def test_training_several_models_in_one_process_does_not_warn_of_retracing():
                 assert int(model.optimizer.iterations.numpy()) in (1, 2)
     finally:
         logger.removeHandler(records)
-    assert not [m for m in records.messages if "retracing" in m], records.messages
+    # Only accum_keras' own functions count here: Keras' `multi_step_on_iterator`
+    # (every model's train and test function shares its code) can warn too when
+    # a process builds many models that each run a few steps, plain ones as well,
+    # depending on what ran before in the process.
+    ours = re.compile(r"accum_keras|apply_?pending", re.IGNORECASE)
+    retraced = [m for m in records.messages if "retracing" in m and ours.search(m)]
+    assert not retraced, retraced
 
 
 # --- the sparse-update notice (accum_keras/_sparse.py) -------------------------

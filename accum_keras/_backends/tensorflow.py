@@ -131,7 +131,8 @@ def accumulate_micro_batch(model, data):
     # does not depend on the data may still run (plain Keras counts such a call
     # in `optimizer.iterations`), which would open a window with no gradient.
     # (Not on `samples`: with a static batch size it is a constant.)
-    with tf.control_dependencies(tf.nest.flatten(x, expand_composites=True)[:1]):
+    leaves = tf.nest.flatten(x, expand_composites=True)
+    with tf.control_dependencies([leaf for leaf in leaves if leaf is not None][:1]):
         state.micro_step.assign_add(1)
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     if _keras_internals.in_multi_worker_mode(model.distribute_strategy):

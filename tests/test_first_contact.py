@@ -124,7 +124,13 @@ def test_training_several_models_in_one_process_does_not_warn_of_retracing():
                 assert int(model.optimizer.iterations.numpy()) in (1, 2)
     finally:
         logger.removeHandler(records)
-    assert not [m for m in records.messages if "retracing" in m], records.messages
+    # Only accum_keras' own functions count here: Keras' `multi_step_on_iterator`
+    # (every model's train and test function shares its code) can warn too when
+    # a process builds many models that each run a few steps, plain ones as well,
+    # depending on what ran before in the process.
+    ours = re.compile(r"accum_keras|apply_?pending", re.IGNORECASE)
+    retraced = [m for m in records.messages if "retracing" in m and ours.search(m)]
+    assert not retraced, retraced
 
 
 # --- the sparse-update notice (accum_keras/_sparse.py) -------------------------
@@ -214,13 +220,16 @@ def test_which_keras_optimizers_update_sparse_gradients_differently(name, differ
 # --- tf.data of unknown cardinality (docs/guarantees.md) ----------------------
 
 
-def _cardinality_data(batch_size, known):
+def _cardinality_data(batch_size, known, static_batch=False):
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 3)).astype("float32")
     y = (x @ np.array([[1.0], [-2.0], [0.5]], "float32")).astype("float32")
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    # 32 samples: `drop_remainder` drops nothing, it only makes the batch size static.
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+        batch_size, drop_remainder=static_batch
+    )
     # `.filter` (like `from_generator`) hides how many batches there are.
     return dataset if known else dataset.filter(lambda *_: True)
 
@@ -244,7 +253,8 @@ def test_unknown_cardinality_trains_like_the_known_cardinality_big_batch():
     twins["known"].set_weights(twins["accum"].get_weights())
     twins["unknown"].set_weights(twins["accum"].get_weights())
     # 2 epochs of 32 samples: micro-batches of 4 in windows of 2 = batches of 8.
-    twins["accum"].fit(_cardinality_data(4, known=False), epochs=2, verbose=0)
+    # A static batch size is the harder case: no shape to wait for.
+    twins["accum"].fit(_cardinality_data(4, known=False, static_batch=True), epochs=2, verbose=0)
     twins["known"].fit(_cardinality_data(8, known=True), epochs=2, verbose=0)
     twins["unknown"].fit(_cardinality_data(8, known=False), epochs=2, verbose=0)
     assert_same_training(twins["accum"], twins["known"])

@@ -114,7 +114,8 @@ def test_save_mid_window_and_resume_exactly(tmp_path):
     assert isinstance(resumed, accum_keras.Model)
     assert resumed.pending_micro_steps == 2
     assert resumed.accumulation_steps == K
-    resumed.fit(x[40:], y[40:], batch_size=MICRO, shuffle=False, verbose=0)
+    with pytest.warns(UserWarning, match="2 micro-batch\\(es\\) pending in an open window"):
+        resumed.fit(x[40:], y[40:], batch_size=MICRO, shuffle=False, verbose=0)
     assert_same_training(resumed, uninterrupted)
 
 

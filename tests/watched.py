@@ -34,7 +34,9 @@ class Watched:
         env: its environment (``PYTHONUNBUFFERED=1`` is added so a Python
             child's output is not held back in a pipe buffer).
         cwd: its working directory.
-        echo: called with every piece of text the child writes, as it comes.
+        echo: called with every piece of text the child writes to stdout, as it
+            comes (stderr, where TensorFlow's start-up lines go, is kept for the
+            failure report but not relayed; it counts as output all the same).
     """
 
     def __init__(
@@ -74,7 +76,7 @@ class Watched:
             with self._lock:
                 self.last_output = time.monotonic()
                 self._chunks[name].append(chunk)
-            if self._echo is not None:
+            if self._echo is not None and name == "stdout":
                 self._echo(chunk.decode(errors="replace"))
 
     def text(self, name: str) -> str:

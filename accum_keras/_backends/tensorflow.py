@@ -121,16 +121,19 @@ def accumulate_micro_batch(model, data):
     _sparse.record_sparse_gradients(model, variables, gradients)
     _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
 
-    global_samples = _sum_over_replicas(samples)
-    state.window_divisor.assign_add(weights.divisor)
-    state.reference_divisor.assign(weights.reference_divisor)
-    state.window_samples.assign_add(global_samples)
-    state.add_samples_seen(global_samples)
     # Tied to the data: when a dataset of unknown length runs out, Keras calls
-    # the step once more and its `get_next` fails, but a counter increment that
-    # does not depend on the data may still run (plain Keras counts such a call
-    # in `optimizer.iterations`), which would open a window with no gradient.
-    with tf.control_dependencies([samples]):
+    # the step once more and its `get_next` fails, but window counters whose
+    # updates do not depend on the data may still run (plain Keras counts such
+    # a call in `optimizer.iterations`): a window with no gradient, or the next
+    # window's divisor off by a micro-batch. (`samples` and the divisors are
+    # constants when the batch size is static.)
+    leaves = tf.nest.flatten(x, expand_composites=True)
+    with tf.control_dependencies([leaf for leaf in leaves if leaf is not None][:1]):
+        global_samples = _sum_over_replicas(samples)
+        state.window_divisor.assign_add(weights.divisor)
+        state.reference_divisor.assign(weights.reference_divisor)
+        state.window_samples.assign_add(global_samples)
+        state.add_samples_seen(global_samples)
         state.micro_step.assign_add(1)
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     if _keras_internals.in_multi_worker_mode(model.distribute_strategy):

@@ -58,7 +58,7 @@ def _bn_model(**kwargs):
 
 def _bn_inputs(model, x):
     conv = model.get_layer("conv")
-    return _numpy(keras.Model(model.inputs, conv.output)(x))
+    return _numpy(keras.Model(model.inputs[0], conv.output)(x))
 
 
 def _moving_statistics(model):

@@ -11,7 +11,8 @@ the end of a window is written once:
 3. window-aware layers (`AccumBatchNormalization`): their moving statistics
    take the window's pooled statistics on an applied window, and the pooled
    statistics are reset in every case, so a skipped window leaves no trace;
-4. the counters: ``last_update_samples`` becomes the window's samples and the
+4. the counters: ``last_update_samples`` becomes the window's samples (an
+   applied window's only: a skipped one is no update) and the
    window opens empty (``micro_step``, ``window_samples``, ``window_divisor``,
    and the accumulators where the backend adds into them).
 
@@ -71,7 +72,11 @@ def apply_window(model, updates: Sequence[Update]) -> None:
         update()
     for layer in window_layers(model):
         layer.apply_window_statistics(applied=finite)
-    state.last_update_samples.assign(state.window_samples.value)
+    # A skipped window is no update: the last update's samples stay.
+    window_samples = state.window_samples.value
+    if finite is not None:
+        window_samples = ops.where(finite, window_samples, state.last_update_samples.value)
+    state.last_update_samples.assign(window_samples)
     for variable in (state.window_samples, state.window_divisor, state.micro_step):
         variable.assign(ops.zeros_like(variable.value))
     backend.clear_accumulators(model)

@@ -50,8 +50,9 @@ class AccumulationCallback(keras.callbacks.Callback):
     ``effective_batch_size`` (the epoch's samples divided by its updates, when
     the epoch made one), ``learning_rate``, ``accumulation_steps`` when an
     ``accumulation_schedule`` is set, and ``skipped_updates`` (windows
-    dropped for a non-finite gradient, since the model was created) when the
-    optimizer can skip one (a `LossScaleOptimizer`). The model runs this
+    dropped for a non-finite gradient, since the model was created) when
+    windows can be skipped (``skip_nonfinite_updates=True`` or a
+    `LossScaleOptimizer`). The model runs this
     callback before the others, so they all see these logs.
 
     Args:

@@ -258,7 +258,7 @@ def _make_step(model, backend, user_step):
 
     def train_step(*args):
         if model.accumulation_steps == 1:
-            return user_step(model, *args)
+            return _plain_step(model, backend, user_step, args)
         data = args[-1]
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         samples = backend.num_samples(x)
@@ -297,6 +297,46 @@ def _make_step(model, backend, user_step):
         return logs
 
     return train_step
+
+
+class _Delegation:
+    """Whether a step at ``accumulation_steps == 1`` called the mixin's step.
+
+    The mixin's plain step counts the samples itself; a step that applies its
+    own gradients is counted here. Duck-types `_Interception` for `delegating`.
+    """
+
+    def __init__(self):
+        self.delegated = False
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        self.delegated = True
+        yield
+
+
+def _plain_step(model, backend, user_step, args):
+    """The user's step as written (one update per micro-batch), with the sample counters.
+
+    At ``accumulation_steps == 1`` every micro-batch is its own window: the
+    logged ``effective_batch_size`` and `AccumulationCallback`'s
+    ``base_batch_size`` read these counters as for any other step. JAX's
+    stateless steps cannot write them here (a JAX step that ends in
+    ``super().train_step`` is counted by the mixin's step).
+    """
+    delegation = _Delegation()
+    object.__setattr__(model, "_accumulation_interception", delegation)
+    try:
+        logs = user_step(model, *args)
+    finally:
+        object.__setattr__(model, "_accumulation_interception", None)
+    state = model._accumulation_state
+    if not delegation.delegated and hasattr(backend, "run_when") and state.built:
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(args[-1])
+        samples = backend.num_samples(x)
+        state.last_update_samples.assign(ops.cast(samples, "int32"))
+        state.add_samples_seen(samples)
+    return logs
 
 
 def _close_micro_batch(model, backend, samples) -> None:

@@ -61,8 +61,8 @@ class AccumulationState(KerasSaveable):
         samples_seen, samples_seen_blocks: samples trained on since the
             model was created, as ``samples_seen_blocks * SAMPLES_BLOCK +
             samples_seen`` (read it with `total_samples_seen`).
-        skipped_updates: windows not applied because a micro-batch produced a
-            non-finite gradient under a `LossScaleOptimizer`.
+        skipped_updates: windows not applied because their gradient was
+            non-finite (``skip_nonfinite_updates`` or a `LossScaleOptimizer`).
         accumulation_steps: ``k``, read by the compiled step so that it can be
             changed without retracing.
         accumulator_dtype: one of `accum_keras._config.ACCUMULATOR_DTYPES`,

@@ -449,3 +449,50 @@ def test_a_loaded_window_goes_to_the_optimizer_that_accumulated_each_variable(tm
         rtol=0,
         atol=1e-6,
     )
+
+
+def _batch_log(key, into):
+    return keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: into.append(logs.get(key))
+    )
+
+
+def test_a_skipped_window_is_not_the_last_update():
+    # Windows of 16, 16 and a short last one of 8 samples (40 samples, k = 4,
+    # micro-batch 4); the short window holds a NaN label and is skipped.
+    x, y = _images(2 * K * MICRO + 2 * MICRO)
+    y[2 * K * MICRO + 1] = np.nan
+    model = _bn_model(skip_nonfinite_updates=True)
+    logged = []
+    model.fit(
+        x,
+        y,
+        batch_size=MICRO,
+        shuffle=False,
+        verbose=0,
+        callbacks=[accum_keras.AccumulationCallback(), _batch_log("effective_batch_size", logged)],
+    )
+    assert logged == [None] * (K - 1) + [K * MICRO] * (K + 3)
+    assert _skipped(model) == 1
+    # The last update is window 1's: the skipped window's 8 samples made none.
+    assert int(_numpy(model._accumulation_state.last_update_samples)) == K * MICRO
+
+
+@needs_tf_or_torch
+def test_a_custom_step_at_one_accumulation_step_counts_its_samples():
+    x, y = regression_data(samples=6 * MICRO + 2)
+    model = _custom_model(keras.optimizers.SGD(0.05))
+    model.accumulation_steps = 1
+    logged = []
+    history = model.fit(
+        x,
+        y,
+        batch_size=MICRO,
+        shuffle=False,
+        verbose=0,
+        callbacks=[accum_keras.AccumulationCallback(), _batch_log("effective_batch_size", logged)],
+    )
+    # Every micro-batch is its own update: 6 of 4 samples, then one of 2.
+    assert logged == [MICRO] * 6 + [2]
+    assert history.history["effective_batch_size"] == [pytest.approx((6 * MICRO + 2) / 7)]
+    assert model._accumulation_state.total_samples_seen() == 6 * MICRO + 2

@@ -293,7 +293,7 @@ def _make_step(model, backend, user_step):
             )
         object.__setattr__(model, "_accumulation_custom_updates", interception.applied)
         record_optimizers(model, interception.applied)
-        _close_micro_batch(model, backend, samples)
+        _close_micro_batch(model, backend, x, samples)
         return logs
 
     return train_step
@@ -334,16 +334,20 @@ def _plain_step(model, backend, user_step, args):
     if not delegation.delegated and hasattr(backend, "run_when") and state.built:
         x, _, _ = keras.utils.unpack_x_y_sample_weight(args[-1])
         samples = backend.num_samples(x)
-        state.last_update_samples.assign(ops.cast(samples, "int32"))
-        state.add_samples_seen(samples)
+        with backend.after_data(x):
+            state.last_update_samples.assign(ops.cast(samples, "int32"))
+            state.add_samples_seen(samples)
     return logs
 
 
-def _close_micro_batch(model, backend, samples) -> None:
+def _close_micro_batch(model, backend, x, samples) -> None:
     state = model._accumulation_state
-    state.window_samples.assign_add(ops.cast(samples, "int32"))
-    state.add_samples_seen(samples)
-    state.micro_step.assign_add(1)
+    # Counted only once the micro-batch was read (see the backend's
+    # `after_data`: a dataset of unknown length ends with a call that reads none).
+    with backend.after_data(x):
+        state.window_samples.assign_add(ops.cast(samples, "int32"))
+        state.add_samples_seen(samples)
+        state.micro_step.assign_add(1)
     backend.run_when(
         ops.greater_equal(state.micro_step.value, state.accumulation_steps.value),
         lambda: apply_window(model),

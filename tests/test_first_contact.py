@@ -265,3 +265,42 @@ def test_unknown_cardinality_trains_like_the_known_cardinality_big_batch():
     assert int(twins["unknown"].optimizer.iterations.numpy()) == 10
     unknown, known = twins["unknown"].get_weights(), twins["known"].get_weights()
     assert max_relative_difference(unknown, known) > 100 * RTOL
+
+
+class OwnStep(accum_keras.AccumulatingModel, keras.Model):
+    """A model that writes its own ``train_step`` (mean-squared error by hand)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4, activation="tanh")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean(keras.ops.square(self(x) - y))
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return {"loss": loss}
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras' TF epoch loop")
+def test_unknown_cardinality_with_a_user_written_train_step():
+    keras.utils.set_random_seed(0)
+    model = OwnStep(accumulation_steps=2)
+    model(np.zeros((1, 3), "float32"))
+    model.compile(keras.optimizers.Adam(1e-2))
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(4, activation="tanh")(inputs)
+    plain = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    plain.set_weights(model.get_weights())
+    plain.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit(_cardinality_data(4, known=False, static_batch=True), epochs=2, verbose=0)
+    plain.fit(_cardinality_data(8, known=True), epochs=2, verbose=0)
+    assert_same_training(model, plain)
+    assert int(model.optimizer.iterations.numpy()) == 8

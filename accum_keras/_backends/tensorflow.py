@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -127,8 +127,7 @@ def accumulate_micro_batch(model, data):
     # a call in `optimizer.iterations`): a window with no gradient, or the next
     # window's divisor off by a micro-batch. (`samples` and the divisors are
     # constants when the batch size is static.)
-    leaves = tf.nest.flatten(x, expand_composites=True)
-    with tf.control_dependencies([leaf for leaf in leaves if leaf is not None][:1]):
+    with after_data(x):
         global_samples = _sum_over_replicas(samples)
         state.window_divisor.assign_add(weights.divisor)
         state.reference_divisor.assign(weights.reference_divisor)
@@ -141,6 +140,20 @@ def accumulate_micro_batch(model, data):
         # fails for scalars (plain Keras models crash there too).
         logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
     return logs
+
+
+@contextlib.contextmanager
+def after_data(x) -> Iterator[None]:
+    """Ops created inside run only once the micro-batch ``x`` has been read.
+
+    When a dataset of unknown length runs out, Keras' last call of the step
+    fails to read a batch; stateful ops that do not wait for the data (a
+    counter's ``assign_add(1)``, a divisor that is a constant for a static
+    batch size) would still run, and open a window with no micro-batch in it.
+    """
+    leaves = [leaf for leaf in tf.nest.flatten(x, expand_composites=True) if leaf is not None]
+    with tf.control_dependencies(leaves[:1]):
+        yield
 
 
 class TrainFunction:

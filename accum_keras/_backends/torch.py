@@ -237,6 +237,11 @@ def make_apply_function(model):
     return lambda: apply_window(model)
 
 
+def after_data(x):
+    """Nothing to wait for: a PyTorch step runs once its data is there."""
+    return contextlib.nullcontext()
+
+
 def run_when(condition, function) -> None:
     """Runs ``function`` when ``condition`` holds (the step is eager Python).
 

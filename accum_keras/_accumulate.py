@@ -32,9 +32,12 @@ def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
 
     Returns:
         An `accum_keras.Model` sharing ``model``'s layers (and therefore its
-        weights). If ``model`` is compiled, the twin is compiled with the same
-        loss, metrics and optimizer object (its state included); otherwise it
-        is uncompiled.
+        weights). If ``model`` is compiled, the twin is compiled with the very
+        objects it was compiled with (losses and metrics, registered or not,
+        ``loss_weights``, ``weighted_metrics``, and the optimizer with its
+        state, wrapped in a `LossScaleOptimizer` or not) and its current
+        ``run_eagerly``, ``jit_compile`` and ``steps_per_execution``;
+        otherwise it is uncompiled.
 
     Raises:
         TypeError: for subclassed models and subclasses of functional models
@@ -76,10 +79,31 @@ def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
         )
     twin = Model(model.inputs, model.outputs, name=model.name, accumulation_steps=steps)
     if model.compiled:
-        config = keras.saving.deserialize_keras_object(model.get_compile_config())
-        config["optimizer"] = model.optimizer
-        twin.compile(**config)
+        twin.compile(**_compile_arguments(model))
     return twin
+
+
+def _compile_arguments(model: keras.Model) -> dict:
+    """What ``model`` was compiled with, as objects, to compile its twin the same way.
+
+    The objects themselves, not a round trip through their serialized form:
+    a loss or metric defined in the user's script (a function, a lambda, a
+    closure, an unregistered class) cannot be deserialized.
+    """
+    arguments = _keras_internals.compile_arguments(model)
+    if arguments is None:
+        arguments = keras.saving.deserialize_keras_object(model.get_compile_config())
+    arguments.update(
+        # The optimizer object with its state, already wrapped in a
+        # LossScaleOptimizer or not: compiling must not wrap it again.
+        optimizer=model.optimizer,
+        auto_scale_loss=False,
+        # The settings as they are now (they can be reassigned after compile).
+        run_eagerly=model.run_eagerly,
+        jit_compile=model.jit_compile,
+        steps_per_execution=model.steps_per_execution,
+    )
+    return arguments
 
 
 def _has_graph(model: keras.Model) -> bool:

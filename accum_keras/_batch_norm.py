@@ -150,15 +150,29 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
             count = count * ops.cast(shape[axis], "float32")
         return count
 
-    def apply_window_statistics(self) -> None:
-        """Updates the moving statistics with the window's pooled statistics."""
+    def apply_window_statistics(self, applied: Any = None) -> None:
+        """Updates the moving statistics with the window's pooled statistics.
+
+        The pooled statistics are reset either way: a window that is not
+        applied leaves no trace in the next one.
+
+        Args:
+            applied: boolean tensor, whether the window is applied (False for
+                a window skipped for a non-finite gradient); None for True.
+                A selection rather than a branch, so that it runs unchanged
+                in every backend's step.
+        """
         window = self._window
         momentum = self.momentum
-        has_data = window.count.value > 0
+        # An empty window (a frozen layer, one that saw no micro-batch)
+        # leaves the moving statistics as they are.
+        update = window.count.value > 0
+        if applied is not None:
+            update = ops.logical_and(update, applied)
         new_mean = self.moving_mean * momentum + window.mean.value * (1.0 - momentum)
         new_variance = self.moving_variance * momentum + window.variance() * (1.0 - momentum)
-        self.moving_mean.assign(ops.where(has_data, new_mean, self.moving_mean.value))
-        self.moving_variance.assign(ops.where(has_data, new_variance, self.moving_variance.value))
+        self.moving_mean.assign(ops.where(update, new_mean, self.moving_mean.value))
+        self.moving_variance.assign(ops.where(update, new_variance, self.moving_variance.value))
         window.reset()
 
     def discard_window_statistics(self) -> None:

@@ -37,6 +37,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from accum_keras import _apply
+
 # Modules whose ``train_step`` is Keras' own (or ours): not a user-written step.
 _KERAS_MODULES = ("keras.", "accum_keras.")
 
@@ -287,6 +289,7 @@ def _make_step(model, backend, user_step):
                 "gradients with the model's optimizers, or set accumulation_steps=1."
             )
         object.__setattr__(model, "_accumulation_custom_updates", interception.applied)
+        record_optimizers(model, interception.applied)
         _close_micro_batch(model, backend, samples)
         return logs
 
@@ -314,24 +317,64 @@ def is_active(model) -> bool:
 
 
 def apply_window(model) -> None:
-    """Hands each optimizer the mean gradient of the window and opens a new one."""
-    updates = getattr(model, "_accumulation_custom_updates", None)
-    if updates is None:
-        raise RuntimeError(
-            "The pending window of a model with a custom train_step can only be "
-            "applied after the step ran once in this process (it records which "
-            "optimizer updates which variables)."
-        )
+    """Hands each optimizer the mean gradient of the window and opens a new one.
+
+    The skip, statistics and counters are `accum_keras._apply.apply_window`'s.
+    """
     state = model._accumulation_state
     total = ops.cast(ops.maximum(state.window_samples.value, 1), "float32")
-    for optimizer, pairs in updates:
+    updates = []
+    for optimizer, pairs in _window_updates(model):
         if not pairs:
             continue
         gradients = [ops.cast(state.gradients[i].value / total, v.dtype) for i, v in pairs]
-        type(optimizer).apply(optimizer, gradients, [v for _, v in pairs])
-    for layer in getattr(model, "_accumulation_window_layers", ()):
-        layer.apply_window_statistics()
-    state.last_update_samples.assign(state.window_samples.value)
-    state.window_samples.assign(0)
-    state.window_divisor.assign(0.0)
-    state.micro_step.assign(0)
+        updates.append((optimizer, gradients, [v for _, v in pairs]))
+    _apply.apply_window(model, updates)
+
+
+def _window_updates(model) -> list[tuple[Any, list[tuple[int, Any]]]]:
+    """Which optimizer updates which accumulated variable.
+
+    Recorded by the step; for a model loaded with an open window that no step
+    has run on yet, rebuilt from the optimizer indices saved with the window
+    (`record_optimizers`).
+    """
+    updates = getattr(model, "_accumulation_custom_updates", None)
+    if updates is not None:
+        return updates
+    state = model._accumulation_state
+    indices = getattr(state, "optimizer_indices", None)
+    optimizers = model_optimizers(model)
+    if (
+        indices is None
+        or len(indices) != len(state.gradients)
+        or max(indices, default=-1) >= len(optimizers)
+    ):
+        raise RuntimeError(
+            "The pending window of this model's custom train_step cannot be applied: "
+            "the checkpoint does not say which optimizer updates which variable (it "
+            "was saved by an older accum_keras, or the model has fewer optimizers "
+            "now). Continue training (the next window's update applies it) or call "
+            "discard_pending_window()."
+        )
+    variables = state.accumulated_variables
+    return [
+        (optimizer, [(i, variables[i]) for i, owner in enumerate(indices) if owner == position])
+        for position, optimizer in enumerate(optimizers)
+    ]
+
+
+def record_optimizers(model, applied) -> None:
+    """Notes, per accumulator, the index in `model_optimizers` of its optimizer (-1: none).
+
+    Saved with the window, so that a loaded open window can be applied before
+    the step runs again.
+    """
+    state = model._accumulation_state
+    optimizers = model_optimizers(model)
+    indices = [-1] * len(state.gradients)
+    for optimizer, pairs in applied:
+        position = next(i for i, o in enumerate(optimizers) if o is optimizer)
+        for index, _ in pairs:
+            indices[index] = position
+    state.optimizer_indices = indices

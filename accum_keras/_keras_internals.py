@@ -209,6 +209,18 @@ def replace_learning_rate(optimizer, rate) -> None:
     optimizer._learning_rate = rate
 
 
+def compile_arguments(model) -> dict | None:
+    """``Trainer._compile_config.config``: the objects ``compile()`` was given.
+
+    The losses, metrics and optimizer themselves (not their serialized
+    form), so that functions and classes defined in a user's script work
+    without registration. None when the model holds none.
+    """
+    config = getattr(model, "_compile_config", None)
+    arguments = getattr(config, "config", None)
+    return dict(arguments) if isinstance(arguments, dict) else None
+
+
 def functional_class() -> type:
     """``keras.src.models.functional.Functional``: the class of plain functional models."""
     from keras.src.models.functional import Functional

@@ -25,8 +25,10 @@ as it does. The events, and what each does:
 | interrupt | an exception escapes ``fit()`` (``KeyboardInterrupt``, an error) | unchanged: nothing is lost; the next ``fit()`` or ``train_on_batch`` continues the window, and ``fit()`` warns that it does |
 
 Applying and discarding are the only ways out of OPEN. Everything here runs
-eagerly, between compiled steps; how a backend applies a window lives in
-``accum_keras._backends``.
+eagerly, between compiled steps. Every apply (the step's, a user-written
+step's, this module's) ends in `accum_keras._apply.apply_window`, which owns
+the skip, the layers' statistics and the counters; how a backend computes the
+window's gradient lives in ``accum_keras._backends``.
 """
 
 from __future__ import annotations

@@ -133,10 +133,15 @@ class FitLearningRate:
 
     The callback puts it in the optimizer's place of the learning rate for one
     ``fit`` and takes it out at the end. Keras treats it as a callable
-    learning rate: reading ``optimizer.learning_rate`` calls it (the rate the
-    next update applies), and assigning a float calls `assign`, which rescales
-    ``base`` so that the rate applied now becomes that float. Saving stores
-    only ``base``: a saved optimizer loads with its unscaled rate.
+    learning rate: reading ``optimizer.learning_rate`` calls it, which returns
+    a `keras.Variable` whose value is the rate the next update applies, so
+    that the usual idioms work as on plain Keras (``.assign(x)``,
+    ``.numpy()``, ``float(...)``, ``keras.ops.convert_to_numpy(...)``).
+    Assigning a value, to that variable or to ``optimizer.learning_rate``
+    (as `keras.callbacks.ReduceLROnPlateau` does), calls `assign`, which
+    rescales ``base`` so that the rate applied now becomes that value.
+    Saving stores only ``base``: a saved optimizer loads with its unscaled
+    rate.
 
     Args:
         base: the optimizer's own rate: its learning-rate variable, a
@@ -164,6 +169,9 @@ class FitLearningRate:
         self.rule = rule
         self.batch_ratio = batch_ratio
         self.warmup_updates = int(warmup_updates)
+        # Created here, eagerly: variables cannot be created inside a traced
+        # step (JAX's stateless scope, a second tf.function trace).
+        self._applied = AppliedLearningRate(self)
 
     def multiplier(self):
         """The factor the base rate is multiplied by at the current update."""
@@ -183,8 +191,15 @@ class FitLearningRate:
             return ops.cast(self.base(self._iterations), "float32")
         return ops.cast(self.base(), "float32")
 
-    def __call__(self):
+    def applied_rate(self):
+        """The rate the next update applies: ``base_rate() * multiplier()``."""
         return self.base_rate() * self.multiplier()
+
+    def __call__(self) -> keras.Variable:
+        # What `optimizer.learning_rate` returns: a variable, as on plain
+        # Keras, whose every read computes the applied rate (inside a traced
+        # step too, from the base rate and update count it sees there).
+        return self._applied
 
     def assign(self, value: float) -> None:
         """Sets the rate applied now to ``value`` by rescaling the base rate."""
@@ -206,3 +221,36 @@ class FitLearningRate:
         if isinstance(base, dict):
             return keras.saving.deserialize_keras_object(base)
         return float(base)
+
+
+class AppliedLearningRate(keras.Variable):
+    """``optimizer.learning_rate`` while a `FitLearningRate` is installed.
+
+    A scalar `keras.Variable` whose value is not stored but computed at every
+    read: the rate the next update applies. Assigning to it sets that rate
+    (see `FitLearningRate.assign`). Its own storage is never read.
+
+    Args:
+        rate: the `FitLearningRate` it shows.
+    """
+
+    def __init__(self, rate: FitLearningRate):
+        super().__init__(
+            initializer="zeros",
+            shape=(),
+            dtype="float32",
+            trainable=False,
+            name="learning_rate",
+        )
+        self._fit_rate = rate
+
+    @property
+    def value(self):
+        rate = getattr(self, "_fit_rate", None)
+        if rate is None:  # still in the base constructor
+            return super().value
+        return self._maybe_autocast(rate.applied_rate())
+
+    def assign(self, value):
+        self._fit_rate.assign(value)
+        return self.value

@@ -79,6 +79,9 @@ class AccumulationState(KerasSaveable):
         # would track lists of variables as weights.
         self.jax_written_variables: list[Any] | None = None
         self.torch_has_gradient: list[bool] | None = None
+        # Per accumulator, the optimizer of a user-written step that updates
+        # its variable (see `_custom_step.record_optimizers`); saved.
+        self.optimizer_indices: list[int] | None = None
 
     def _obj_type(self):
         # Keras' saving walks children by type and only knows its own types;
@@ -168,6 +171,10 @@ class AccumulationState(KerasSaveable):
             store[name] = getattr(self, name).numpy()
         for index, accumulator in enumerate(self.gradients):
             store[f"gradient_{index}"] = accumulator.numpy()
+        if self.optimizer_indices is not None and len(self.optimizer_indices) == len(
+            self.gradients
+        ):
+            store["optimizer_indices"] = np.asarray(self.optimizer_indices, "int32")
 
     def load_own_variables(self, store) -> None:
         """Restores the saved window, or starts an empty one when it cannot.
@@ -211,6 +218,8 @@ class AccumulationState(KerasSaveable):
                 getattr(self, name).assign(saved[name])
             for key, accumulator in zip(saved_gradients, self.gradients):
                 accumulator.assign(np.asarray(store[key]))
+            if "optimizer_indices" in keys:
+                self.optimizer_indices = [int(i) for i in np.asarray(store["optimizer_indices"])]
         else:
             for name in ("micro_step", "window_divisor", "reference_divisor", "window_samples"):
                 variable = getattr(self, name)

@@ -37,7 +37,9 @@ SUITE = [
     "tests/test_window_state_machine.py",
     "tests/test_window_edges.py",
     "tests/test_custom_train_step.py",
+    "tests/test_composition_apply.py",
     "tests/test_keras_internals.py",
+    "tests/test_composition_config.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

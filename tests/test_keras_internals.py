@@ -206,6 +206,15 @@ def test_replace_learning_rate():
     assert internals.learning_rate_of(optimizer) is variable
 
 
+def test_compile_arguments():
+    model, _, _ = compiled_two_output_model()
+    arguments = internals.compile_arguments(model)
+    assert arguments["optimizer"] is model.optimizer
+    assert arguments["loss"] == {"a": "mse", "b": "mae"}
+    assert arguments["loss_weights"] == {"a": 1.0, "b": 0.5}
+    assert internals.compile_arguments(keras.Sequential([keras.layers.Dense(1)])) is None
+
+
 def test_functional_class():
     inputs = keras.Input((2,))
     assert type(keras.Model(inputs, keras.layers.Dense(1)(inputs))) is internals.functional_class()

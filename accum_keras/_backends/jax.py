@@ -36,6 +36,7 @@ update on every micro-batch and discards it).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ from keras import tree
 from keras.optimizers.schedules import LearningRateSchedule
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _keras_internals, _loss_terms, _state, _window
+from accum_keras import _apply, _keras_internals, _loss_terms, _state, _window
 
 _SCALAR_NAMES = tuple(name for name, _ in _state._SCALARS)
 
@@ -361,16 +362,16 @@ def train_step(model, state, data, may_apply: bool = True):
     steps = window.pop("accumulation_steps")
 
     if may_apply:
-        with _reading(read_only_variables(model)[1:], read_only_values[1:]):
-            trainable, non_trainable, optimizer_values, window = _cond(
-                window["micro_step"] >= steps,
-                lambda t, n, o, w: apply_window_values(model, t, n, o, w),
-                lambda t, n, o, w: (list(t), list(n), list(o), w),
-                list(trainable),
-                list(non_trainable),
-                optimizer_values,
-                window,
-            )
+        read_only = [steps, *read_only_values[1:]]
+        trainable, non_trainable, optimizer_values, window = _cond(
+            window["micro_step"] >= steps,
+            lambda t, n, o, w: apply_window_values(model, t, n, o, w, read_only),
+            lambda t, n, o, w: (list(t), list(n), list(o), w),
+            list(trainable),
+            list(non_trainable),
+            optimizer_values,
+            window,
+        )
 
     logs, metrics = _keras_internals.update_metrics_variables(
         model, metrics, loss, x, y, y_pred, sample_weight
@@ -451,69 +452,97 @@ def _forward(model, trainable, non_trainable, layer_statistics, x):
     return y_pred, non_trainable, losses, layer_statistics
 
 
-def _apply_layer_statistics(model, non_trainable, layer_statistics):
-    """Stateless `apply_window_statistics` of every window-aware layer."""
-    layers = _window_layers(model)
-    if not layers:
-        return list(non_trainable), list(layer_statistics)
-    statistics_variables = _layer_statistics_variables(model)
-    mapping = list(zip(model.non_trainable_variables, non_trainable)) + list(
-        zip(statistics_variables, layer_statistics)
-    )
-    with keras.StatelessScope(state_mapping=mapping) as scope:
-        for layer in layers:
-            layer.apply_window_statistics()
-    non_trainable = [scope.get_current_value(v) for v in model.non_trainable_variables]
-    layer_statistics = [scope.get_current_value(v) for v in statistics_variables]
-    return non_trainable, layer_statistics
+def apply_window_values(
+    model, trainable, non_trainable, optimizer_values, window, read_only_values
+):
+    """Stateless window update: `accum_keras._apply.apply_window` on values.
 
-
-def apply_window_values(model, trainable, non_trainable, optimizer_values, window):
-    """Stateless window update: the optimizer step and a fresh window.
+    Runs the shared function in a `keras.StatelessScope` that maps every
+    variable it may read or write to the step's values, the way
+    ``optimizer.stateless_apply`` runs ``optimizer.apply``; its writes are
+    collected from the scope.
 
     Returns:
         ``(trainable, non_trainable, optimizer_values, window)`` after the
         update.
     """
-    scale = _window.update_scale(window["window_divisor"], window["reference_divisor"])
-    gradients = [
-        (accumulated * scale).astype(value.dtype)
-        for accumulated, value in zip(window["gradients"], trainable)
+    state = model._accumulation_state
+    groups = (
+        state.accumulated_variables,
+        model.non_trainable_variables,
+        model.optimizer.variables,
+        written_variables(model),
+    )
+    values = (trainable, non_trainable, optimizer_values, _join(window))
+    mapping = [
+        pair for group, group_values in zip(groups, values) for pair in zip(group, group_values)
     ]
-    window = dict(window)
-    loss_scaled = _is_loss_scale_optimizer(model.optimizer)
-    if loss_scaled or model.skip_nonfinite_updates:
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in gradients]))
-        skipped = window["skipped_updates"]
-        window["skipped_updates"] = skipped + jnp.logical_not(finite).astype(skipped.dtype)
-
-    def update(trainable, non_trainable, optimizer_values, statistics):
-        trainable, optimizer_values = model.optimizer.stateless_apply(
-            optimizer_values, gradients, trainable
-        )
-        non_trainable, statistics = _apply_layer_statistics(model, non_trainable, statistics)
-        return list(trainable), list(non_trainable), list(optimizer_values), list(statistics)
-
-    operands = (list(trainable), list(non_trainable), list(optimizer_values))
-    operands += (list(window["layer_statistics"]),)
-    if model.skip_nonfinite_updates and not loss_scaled:
-        # Opt-in: a window with a non-finite gradient is not applied.
-        trainable, non_trainable, optimizer_values, statistics = _cond(
-            finite, update, lambda *values: tuple(list(v) for v in values), *operands
-        )
-    else:
-        trainable, non_trainable, optimizer_values, statistics = update(*operands)
-    window["layer_statistics"] = statistics
-    window["gradients"] = [jnp.zeros_like(g) for g in window["gradients"]]
-    window["last_update_samples"] = window["window_samples"]
-    window["window_samples"] = jnp.zeros_like(window["window_samples"])
-    window["window_divisor"] = jnp.zeros_like(window["window_divisor"])
-    window["micro_step"] = jnp.zeros_like(window["micro_step"])
-    return list(trainable), list(non_trainable), list(optimizer_values), window
+    mapping += list(zip(read_only_variables(model), read_only_values))
+    # Variables read inside the optimizer's own stateless scope (its
+    # learning-rate schedule's) are read directly, not through this scope.
+    reading = _reading(read_only_variables(model)[1:], read_only_values[1:])
+    with reading, keras.StatelessScope(state_mapping=mapping) as scope:
+        token = _SCOPE.set((scope, [variable for variable, _ in mapping]))
+        try:
+            scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
+            gradients = [
+                (accumulator.value * scale).astype(variable.dtype)
+                for accumulator, variable in zip(state.gradients, state.accumulated_variables)
+            ]
+            _apply.apply_window(model, [(model.optimizer, gradients, state.accumulated_variables)])
+        finally:
+            _SCOPE.reset(token)
+    trainable, non_trainable, optimizer_values, window_values = (
+        [scope.get_current_value(variable) for variable in group] for group in groups
+    )
+    return trainable, non_trainable, optimizer_values, _unpack(model, window_values)
 
 
-def _is_loss_scale_optimizer(optimizer) -> bool:
-    return hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale")
+# The scope `apply_window_values` runs in and the variables it maps.
+_SCOPE: contextvars.ContextVar = contextvars.ContextVar("accum_keras_jax_apply_scope")
+
+
+def run_when(condition, function) -> None:
+    """Runs ``function`` when ``condition`` holds, statelessly.
+
+    Inside `apply_window_values` the window's update is computed, then every
+    value it wrote is selected against the old one: the update lives only in
+    the program that may apply a window, whose branch already holds it.
+    """
+    scope, variables = _SCOPE.get()
+    before = [scope.get_current_value(variable) for variable in variables]
+    function()
+    for variable, old in zip(variables, before):
+        new = scope.get_current_value(variable)
+        if new is not old:
+            variable.assign(jnp.where(condition, new, old))
+
+
+def apply_gradients(optimizer, gradients: list, variables: list) -> None:
+    """``optimizer.stateless_apply`` on the values of `apply_window_values`' scope.
+
+    Not ``optimizer.apply``: a `LossScaleOptimizer`'s stateful ``apply``
+    branches with closures that write variables, which `jax.lax.cond` cannot
+    trace.
+    """
+    trainable, optimizer_values = optimizer.stateless_apply(
+        [v.value for v in optimizer.variables], gradients, [v.value for v in variables]
+    )
+    for variable, value in zip(variables, trainable):
+        variable.assign(value)
+    for variable, value in zip(optimizer.variables, optimizer_values):
+        variable.assign(value)
+
+
+def all_finite(gradients) -> Any:
+    """Whether every gradient is finite (a boolean array)."""
+    present = [g for g in gradients if g is not None]
+    if not present:
+        return jnp.asarray(True)
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in present]))
+
+
+_is_loss_scale_optimizer = _apply.is_loss_scale_optimizer
 
 
 def check_skip_nonfinite_supported(model) -> None:
@@ -545,10 +574,9 @@ def make_apply_function(model):
 
     def apply(trainable, non_trainable, optimizer_values, window_values, read_only_values):
         window = _unpack(model, window_values)
-        with _reading(read_only_variables(model)[1:], read_only_values[1:]):
-            trainable, non_trainable, optimizer_values, window = apply_window_values(
-                model, trainable, non_trainable, optimizer_values, window
-            )
+        trainable, non_trainable, optimizer_values, window = apply_window_values(
+            model, trainable, non_trainable, optimizer_values, window, read_only_values
+        )
         return trainable, non_trainable, optimizer_values, _join(window)
 
     if not model.run_eagerly and model.jit_compile:

@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _keras_internals, _window
+from accum_keras import _apply, _keras_internals, _window
 from accum_keras._backends import _stateful
 
 
@@ -328,7 +328,8 @@ def apply_window(model) -> None:
 
     Runs in replica context. Variables that received no gradient in the
     traced step get `None`, exactly as plain Keras passes them, so the
-    optimizer skips them.
+    optimizer skips them. The skip, statistics and counters are
+    `accum_keras._apply.apply_window`'s.
     """
     state = model._accumulation_state
     optimizer = model.optimizer
@@ -346,32 +347,7 @@ def apply_window(model) -> None:
             state.gradients, state.accumulated_variables, has_gradient
         )
     ]
-    if _is_loss_scale_optimizer(optimizer):
-        finite = _all_finite(gradients)
-        state.skipped_updates.assign_add(tf.cast(tf.logical_not(finite), "int32"))
-    if model.skip_nonfinite_updates and not _is_loss_scale_optimizer(optimizer):
-        # Opt-in: a window with a non-finite gradient is not applied.
-        finite = _all_finite(gradients)
-        state.skipped_updates.assign_add(tf.cast(tf.logical_not(finite), "int32"))
-        tf.cond(
-            finite,
-            lambda: _update(model, gradients),
-            lambda: tf.constant(False),
-        )
-    else:
-        _update(model, gradients)
-    state.last_update_samples.assign(state.window_samples.value)
-    state.window_samples.assign(0)
-    state.window_divisor.assign(0.0)
-    state.micro_step.assign(0)
-
-
-def _update(model, gradients):
-    """The optimizer step and the window-aware layers' statistics."""
-    model.optimizer.apply(gradients, model._accumulation_state.accumulated_variables)
-    for layer in getattr(model, "_accumulation_window_layers", ()):
-        layer.apply_window_statistics()
-    return tf.constant(True)
+    _apply.apply_window(model, [(optimizer, gradients, state.accumulated_variables)])
 
 
 def check_skip_nonfinite_supported(model) -> None:
@@ -388,11 +364,11 @@ def check_skip_nonfinite_supported(model) -> None:
         )
 
 
-def _is_loss_scale_optimizer(optimizer) -> bool:
-    return hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale")
+_is_loss_scale_optimizer = _apply.is_loss_scale_optimizer
 
 
-def _all_finite(gradients: Sequence[Any]):
+def all_finite(gradients: Sequence[Any]):
+    """Whether every gradient is finite, on every replica (a boolean tensor)."""
     present = [g for g in gradients if g is not None]
     if not present:
         return tf.constant(True)

@@ -35,7 +35,7 @@ import torch
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _state, _window
+from accum_keras import _apply, _state, _window
 from accum_keras._backends import _stateful
 
 
@@ -153,9 +153,9 @@ def apply_window(model) -> None:
 
     The accumulators are scaled in place and handed over as the gradients (no
     copy); variables that received no gradient get `None`, as in plain Keras.
+    The skip, statistics and counters are `accum_keras._apply.apply_window`'s.
     """
     state = model._accumulation_state
-    optimizer = model.optimizer
     known = getattr(state, "torch_has_gradient", None)
     key = tuple(id(v) for v in state.accumulated_variables)
     has_gradient = known[1] if known is not None and known[0] == key else None
@@ -174,28 +174,12 @@ def apply_window(model) -> None:
             if gradient.dtype != variable.value.dtype:
                 gradient = gradient.to(variable.value.dtype)
             gradients.append(gradient)
-        loss_scaled = hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale")
-        apply = True
-        if loss_scaled or model.skip_nonfinite_updates:
-            finite = all_finite(gradients)
-            state.skipped_updates.assign_add(torch.logical_not(finite).to(torch.int32))
-            if not loss_scaled:
-                # Opt-in skip: one host synchronization per window.
-                apply = bool(finite)
-        if apply:
-            optimizer.apply(gradients, state.accumulated_variables)
-            for layer in getattr(model, "_accumulation_window_layers", ()):
-                layer.apply_window_statistics()
-        for accumulator in state.gradients:
-            accumulator.value.zero_()
-        state.last_update_samples.value.copy_(state.window_samples.value)
-        state.window_samples.value.zero_()
-        state.window_divisor.value.zero_()
-        state.micro_step.value.zero_()
+        _apply.apply_window(model, [(model.optimizer, gradients, state.accumulated_variables)])
     model._accumulation_host_micro_step = 0
 
 
 def all_finite(gradients) -> Any:
+    """Whether every gradient is finite (a boolean tensor, no synchronization)."""
     present = [g for g in gradients if g is not None]
     if not present:
         return torch.tensor(True)
@@ -229,6 +213,10 @@ def make_apply_function(model):
 
 
 def run_when(condition, function) -> None:
-    """Runs ``function`` when ``condition`` holds (the step is eager Python)."""
+    """Runs ``function`` when ``condition`` holds (the step is eager Python).
+
+    Reads ``condition`` on the host: one synchronization, made only where a
+    window's update is conditional (``skip_nonfinite_updates``).
+    """
     if bool(condition):
         function()

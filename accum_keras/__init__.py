@@ -5,6 +5,8 @@ Public API:
 - `Model`, `Sequential`: functional and sequential models that accumulate.
 - `accumulate`: an accumulating twin (shared weights) of a functional or
   Sequential model you already have.
+- `clone_model`: `keras.models.clone_model` that keeps an accumulating model
+  accumulating (same class, same model options).
 - `AccumulationCallback`: learning rate for the effective batch, a schedule for
   the number of accumulation steps, and logs of the effective batch size.
 - `ScaledLearningRate`: a learning-rate schedule multiplied for the effective
@@ -14,7 +16,7 @@ Public API:
 """
 
 from accum_keras import layers
-from accum_keras._accumulate import accumulate
+from accum_keras._accumulate import accumulate, clone_model
 from accum_keras._callback import AccumulationCallback
 from accum_keras._model import AccumulatingModel, Model, Sequential
 from accum_keras._schedules import ScaledLearningRate
@@ -29,5 +31,6 @@ __all__ = [
     "Sequential",
     "__version__",
     "accumulate",
+    "clone_model",
     "layers",
 ]

@@ -1,4 +1,4 @@
-"""`accumulate`: an accumulating twin of a model you already have.
+"""`accumulate` and `clone_model`: accumulating models from models you already have.
 
 Functional models (``keras.applications`` networks, most loaded ``.keras``
 files) and built ``Sequential`` models are graphs of layers: an
@@ -17,7 +17,7 @@ import keras
 
 from accum_keras import _keras_internals
 from accum_keras._config import check_accumulation_steps
-from accum_keras._model import AccumulatingModel, Model
+from accum_keras._model import AccumulatingModel, Model, copy_model_options
 
 
 def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
@@ -81,6 +81,51 @@ def accumulate(model: keras.Model, accumulation_steps: int) -> keras.Model:
     if model.compiled:
         twin.compile(**_compile_arguments(model))
     return twin
+
+
+def clone_model(model: keras.Model, **kwargs) -> keras.Model:
+    """`keras.models.clone_model` that keeps an accumulating model accumulating.
+
+    Keras clones a `Sequential` as a plain `keras.Sequential` and a functional
+    model through its class's constructor with the graph alone, so
+    `keras.models.clone_model` returns a model that trains with
+    ``accumulation_steps=1`` (see docs/your-model.md). This function returns
+    a clone of the same class with the same model options
+    (``accumulation_steps``, ``skip_nonfinite_updates``). Like Keras' clone,
+    its layers are new (freshly initialized unless ``clone_function`` says
+    otherwise) and it is compiled as ``model`` was, with a new optimizer.
+    Other models are cloned by Keras unchanged.
+
+    Args:
+        model: the model to clone.
+        **kwargs: `keras.models.clone_model`'s other arguments
+            (``input_tensors``, ``clone_function``, ``call_function``,
+            ``recursive``).
+
+    Returns:
+        The clone.
+
+    Example:
+
+    ```python
+    clone = accum_keras.clone_model(model)
+    clone.set_weights(model.get_weights())
+    ```
+    """
+    clone = keras.models.clone_model(model, **kwargs)
+    if not isinstance(model, AccumulatingModel):
+        return clone
+    if not isinstance(clone, AccumulatingModel):
+        # Keras rebuilt the Sequential as a plain one: the same new layers,
+        # in the model's own class.
+        plain = clone
+        clone = type(model)(
+            _keras_internals.sequential_layers(plain), name=plain.name, trainable=plain.trainable
+        )
+        if plain.compiled:
+            clone.compile(**_compile_arguments(plain))
+    copy_model_options(model, clone)
+    return clone
 
 
 def _compile_arguments(model: keras.Model) -> dict:

@@ -186,8 +186,9 @@ def convert_batch_normalization(model: keras.Model) -> keras.Model:
 
     Every `keras.layers.BatchNormalization` becomes an `AccumBatchNormalization`
     with the same configuration and weights; other layers are cloned with
-    their weights. An accumulating model stays accumulating (same
-    ``accumulation_steps``).
+    their weights. An accumulating model stays accumulating, of the same
+    class with the same ``accumulation_steps`` and ``skip_nonfinite_updates``
+    (see `accum_keras.clone_model`).
 
     Args:
         model: a functional or `Sequential` model (subclassed models have no
@@ -210,9 +211,8 @@ def convert_batch_normalization(model: keras.Model) -> keras.Model:
             return AccumBatchNormalization.from_config(config)
         return layer.__class__.from_config(config)
 
-    converted = keras.models.clone_model(model, clone_function=clone)
+    from accum_keras._accumulate import clone_model
+
+    converted = clone_model(model, clone_function=clone)
     converted.set_weights(model.get_weights())
-    steps = getattr(model, "accumulation_steps", None)
-    if steps is not None and hasattr(converted, "accumulation_steps"):
-        converted.accumulation_steps = steps
     return converted

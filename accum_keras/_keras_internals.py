@@ -221,6 +221,11 @@ def compile_arguments(model) -> dict | None:
     return dict(arguments) if isinstance(arguments, dict) else None
 
 
+def sequential_layers(model) -> list:
+    """``Sequential._layers``: its layers with the `InputLayer` that gives its shape."""
+    return list(model._layers)
+
+
 def functional_class() -> type:
     """``keras.src.models.functional.Functional``: the class of plain functional models."""
     from keras.src.models.functional import Functional

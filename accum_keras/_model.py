@@ -29,6 +29,10 @@ from accum_keras._state import AccumulationState
 
 _SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
+# The mixin's own constructor arguments: how a model trains, which a clone or
+# a conversion of the model must keep (each is also a settable attribute).
+MODEL_OPTIONS = ("accumulation_steps", "skip_nonfinite_updates")
+
 
 def _backend_module():
     name = keras.backend.backend()
@@ -447,6 +451,12 @@ class AccumulatingModel:
     def _get_state_sharding_spec(self):
         shardings = super()._get_state_sharding_spec()
         return _backend_module().add_window_shardings(self, shardings)
+
+
+def copy_model_options(source: AccumulatingModel, target: AccumulatingModel) -> None:
+    """Gives ``target`` the `MODEL_OPTIONS` of ``source``."""
+    for name in MODEL_OPTIONS:
+        setattr(target, name, getattr(source, name))
 
 
 def _compile_takes_optimizer(cls) -> bool:

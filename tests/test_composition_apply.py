@@ -99,6 +99,20 @@ def test_a_skipped_window_leaves_no_trace_in_batch_norm_statistics(poison):
     _assert_statistics(model, _expected_statistics(kept))
 
 
+def test_a_window_a_loss_scale_optimizer_skips_leaves_no_trace_in_batch_norm_statistics():
+    # The optimizer skips the window itself; the statistics follow it.
+    x, y = _images(K * K * MICRO)
+    features = _bn_inputs(_bn_model(), x)
+    y[5 * MICRO] = np.nan
+    model = _bn_model()
+    model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.0)), loss="mse")
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    assert _skipped(model) == 1
+    size = K * MICRO
+    kept = [features[i * size : (i + 1) * size] for i in (0, 2, 3)]
+    _assert_statistics(model, _expected_statistics(kept))
+
+
 def test_discarding_a_window_discards_its_batch_norm_statistics():
     x, y = _images(6 * MICRO)
     model = _bn_model()
@@ -358,6 +372,77 @@ def test_a_loaded_custom_step_window_is_applied_before_any_step(tmp_path, event)
         loaded.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     assert loaded.pending_micro_steps == 0
     assert int(_numpy(optimizer.iterations)) == 2
+    np.testing.assert_allclose(
+        np.concatenate([w.ravel() for w in loaded.get_weights()]),
+        np.concatenate([w.ravel() for w in model.get_weights()]),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+@keras.saving.register_keras_serializable(package="accum_keras_apply_tests")
+class TwoOptimizers(accum_keras.AccumulatingModel, keras.Model):
+    """Each tower has its own optimizer (a GAN's layout, without the coupling)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.tower_a = keras.layers.Dense(1)
+        self.tower_b = keras.layers.Dense(1)
+
+    def compile(self, a_optimizer, b_optimizer):
+        super().compile()
+        self.a_optimizer = a_optimizer
+        self.b_optimizer = b_optimizer
+
+    def build(self, input_shape):
+        self.tower_a.build(input_shape)
+        self.tower_b.build(input_shape)
+
+    def call(self, x):
+        return self.tower_a(x) + self.tower_b(x)
+
+    def train_step(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        for optimizer, tower in (
+            (self.a_optimizer, self.tower_a),
+            (self.b_optimizer, self.tower_b),
+        ):
+            variables = tower.trainable_variables
+
+            def loss_fn():
+                return ops.mean(ops.square(ops.subtract(self(x), y)))
+
+            loss, gradients = _gradients(self, loss_fn, variables)
+            with _no_grad():
+                optimizer.apply(gradients, variables)
+        return {"loss": loss}
+
+
+def _compile_two(model):
+    # Plain SGD: a fresh optimizer continues exactly (Keras does not reload
+    # the optimizers that a custom compile() creates).
+    model.compile(a_optimizer=keras.optimizers.SGD(0.1), b_optimizer=keras.optimizers.SGD(0.05))
+
+
+@needs_tf_or_torch
+def test_a_loaded_window_goes_to_the_optimizer_that_accumulated_each_variable(tmp_path):
+    x, y = regression_data(samples=6 * MICRO)
+    keras.utils.set_random_seed(0)
+    model = TwoOptimizers(accumulation_steps=K)
+    model.build((None, 5))
+    _compile_two(model)
+    for batch in _batches(x, y):
+        model.train_on_batch(*batch)
+    path = str(tmp_path / "two.keras")
+    model.save(path)
+    model.apply_pending_window()  # the uninterrupted reference
+
+    with pytest.warns(UserWarning, match="call compile"):
+        loaded = keras.models.load_model(path)
+    _compile_two(loaded)
+    assert loaded.apply_pending_window()
+    assert int(_numpy(loaded.a_optimizer.iterations)) == 1
+    assert int(_numpy(loaded.b_optimizer.iterations)) == 1
     np.testing.assert_allclose(
         np.concatenate([w.ravel() for w in loaded.get_weights()]),
         np.concatenate([w.ravel() for w in model.get_weights()]),

@@ -215,6 +215,12 @@ def test_compile_arguments():
     assert internals.compile_arguments(keras.Sequential([keras.layers.Dense(1)])) is None
 
 
+def test_sequential_layers():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    layers = internals.sequential_layers(model)
+    assert isinstance(layers[0], keras.layers.InputLayer) and layers[1:] == model.layers
+
+
 def test_functional_class():
     inputs = keras.Input((2,))
     assert type(keras.Model(inputs, keras.layers.Dense(1)(inputs))) is internals.functional_class()

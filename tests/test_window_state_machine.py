@@ -63,7 +63,7 @@ import keras
 import numpy as np
 import pytest
 from helpers import max_relative_difference, train_step_applying_its_gradients
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -87,12 +87,6 @@ TOLERANCE = 1e-5  # relative, over sequences of up to ~30 updates
 
 _DEFAULT_EXAMPLES = 120 if BACKEND == "tensorflow" else 20
 EXAMPLES = int(os.environ.get("ACCUM_KERAS_STATE_MACHINE_EXAMPLES", _DEFAULT_EXAMPLES))
-
-# TODO(issue 15): combinations excluded until the branch that fixes them is
-# merged; each entry names the branch. Delete an entry once its fix is in.
-AWAITING_FIX = {
-    "clone keeps the class and k": "config",  # item 6
-}
 
 _rng = np.random.default_rng(0)
 X = _rng.normal(loc=0.5, scale=2.0, size=(POOL * MICRO, FEATURES)).astype("float32")
@@ -617,14 +611,15 @@ class WindowLife(RuleBasedStateMachine):
         self._reference_apply()  # with the variables that opened the window
         self._reference_new_optimizer()
 
-    @precondition(lambda self: "clone keeps the class and k" not in AWAITING_FIX)
     @rule()
     def clone(self):
         # A user who clones applies the open window first (a clone is a new
         # model: it starts with an empty window and a new optimizer).
         self.model.apply_pending_window()
         self._reference_apply()
-        clone = keras.models.clone_model(self.model)
+        clone = accum_keras.clone_model(self.model)
+        # A subclass's layers are made by its code: the user freezes them again.
+        clone.get_layer("hidden").trainable = not self.frozen
         clone.set_weights(self.model.get_weights())
         compile_model(clone)
         self._replace_model(clone)
@@ -633,9 +628,7 @@ class WindowLife(RuleBasedStateMachine):
 
     @precondition(
         lambda self: (
-            self.batch_norm == "plain"
-            and self.config.kind in ("functional", "sequential", "twin")
-            and "clone keeps the class and k" not in AWAITING_FIX
+            self.batch_norm == "plain" and self.config.kind in ("functional", "sequential", "twin")
         )
     )
     @rule()
@@ -678,8 +671,6 @@ def _same_records(actual, expected) -> bool:
                 return False
     return True
 
-
-from hypothesis import Phase
 
 _DEVELOPMENT = {"phases": [Phase.generate]} if os.environ.get("SM_DEV") else {}
 

@@ -687,7 +687,11 @@ def _same_records(actual, expected) -> bool:
     return True
 
 
-_DEVELOPMENT = {"phases": [Phase.generate]} if os.environ.get("SM_DEV") else {}
+# While developing, ACCUM_KERAS_STATE_MACHINE_NO_SHRINK=1 reports the first
+# failing example as found (shrinking one can take minutes).
+_DEVELOPMENT = (
+    {"phases": [Phase.generate]} if os.environ.get("ACCUM_KERAS_STATE_MACHINE_NO_SHRINK") else {}
+)
 
 
 @pytest.fixture

@@ -186,7 +186,7 @@ def configurations(draw) -> Configuration:
         kind=kind,
         batch_norm=draw(st.sampled_from([None, "plain", "accum"])),
         skip_nonfinite=skip,
-        poisoned=frozenset(draw(st.sets(st.integers(0, POOL - 1), max_size=2)))
+        poisoned=frozenset(draw(st.sets(st.integers(0, POOL - 1), min_size=1, max_size=2)))
         if skip
         else frozenset(),
         accumulation_steps=draw(steps),

@@ -123,3 +123,37 @@ def masked_token_layers(vocabulary=20):
         return inputs, keras.layers.Dense(3)(embedded)
 
     return build
+
+
+def train_step_applying_its_gradients(model, data):
+    """A user-written ``train_step`` that hands its gradients to ``optimizer.apply`` itself.
+
+    keras.io's custom-step style: a mean squared error over the micro-batch,
+    differentiated with the backend's own tool (TensorFlow's ``GradientTape``,
+    PyTorch's ``backward``). There is no such step on JAX, whose steps are
+    stateless functions.
+    """
+    from keras import ops
+
+    x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+    # `train_on_batch` hands PyTorch steps NumPy arrays.
+    x, y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
+    variables = model.trainable_variables
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = ops.mean(ops.square(model(x, training=True) - y))
+        model.optimizer.apply(tape.gradient(loss, variables), variables)
+    elif backend == "torch":
+        import torch
+
+        model.zero_grad()
+        loss = ops.mean(ops.square(model(x, training=True) - y))
+        loss.backward()
+        with torch.no_grad():
+            model.optimizer.apply([v.value.grad for v in variables], variables)
+    else:
+        raise NotImplementedError(f"no user-written gradient step on {backend}")
+    return {"loss": loss}

@@ -496,3 +496,15 @@ def test_a_custom_step_at_one_accumulation_step_counts_its_samples():
     assert logged == [MICRO] * 6 + [2]
     assert history.history["effective_batch_size"] == [pytest.approx((6 * MICRO + 2) / 7)]
     assert model._accumulation_state.total_samples_seen() == 6 * MICRO + 2
+
+
+def test_a_discarded_windows_samples_are_not_counted_in_the_next_update():
+    x, y = _images(6 * MICRO)
+    model = _bn_model()
+    for start in range(0, 2 * MICRO, MICRO):
+        model.train_on_batch(x[start : start + MICRO], y[start : start + MICRO])
+    assert model.discard_pending_window() == 2
+    for start in range(2 * MICRO, 6 * MICRO, MICRO):
+        model.train_on_batch(x[start : start + MICRO], y[start : start + MICRO])
+    assert int(_numpy(model.optimizer.iterations)) == 1
+    assert int(_numpy(model._accumulation_state.last_update_samples)) == K * MICRO

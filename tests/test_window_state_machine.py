@@ -88,17 +88,6 @@ TOLERANCE = 1e-5  # relative, over sequences of up to ~30 updates
 _DEFAULT_EXAMPLES = 120 if BACKEND == "tensorflow" else 20
 EXAMPLES = int(os.environ.get("ACCUM_KERAS_STATE_MACHINE_EXAMPLES", _DEFAULT_EXAMPLES))
 
-# TODO(issue 15): combinations excluded until the branch that fixes them is
-# merged (the entry names it); delete the entry then.
-AWAITING_FIX = {
-    # A user-written step at k = 1 does not count its samples: the epoch logs
-    # effective_batch_size 0 and `base_batch_size` is measured wrong.
-    "own_gradients_step at k = 1 counts samples": "apply",
-    # docs/callback.md logs "the samples of the last update" in batch logs;
-    # `_apply.apply_window` sets `last_update_samples` on a skipped window too.
-    "a skipped window is not the last update": "apply",
-}
-
 _rng = np.random.default_rng(0)
 X = _rng.normal(loc=0.5, scale=2.0, size=(POOL * MICRO, FEATURES)).astype("float32")
 Y = _rng.normal(size=(POOL * MICRO, 1)).astype("float32")
@@ -165,11 +154,6 @@ def configurations(draw) -> Configuration:
     # `skip_nonfinite_updates` acts on windows of k >= 2 (at k = 1 the model
     # runs Keras' own step, and a NaN reaches the weights as in plain Keras).
     smallest_k = 2 if skip else 1
-    if (
-        kind == "own_gradients_step"
-        and "own_gradients_step at k = 1 counts samples" in AWAITING_FIX
-    ):
-        smallest_k = 2
     steps = st.integers(smallest_k, 4)
     scaling = None
     if draw(st.booleans()):
@@ -430,8 +414,6 @@ class WindowLife(RuleBasedStateMachine):
         if self.config.poisoned.intersection(window):
             # Dropped: no update, counted; AccumBatchNormalization forgets it.
             self.skipped += 1
-            if "a skipped window is not the last update" in AWAITING_FIX:
-                self.last_update_samples = len(window) * MICRO
             return
         rows = rows_of(window)
         inputs = X_NORMALIZED if self.batch_norm else X

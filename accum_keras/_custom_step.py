@@ -73,8 +73,9 @@ def install(model, backend) -> None:
 
     Called when the train function is made (at ``fit()`` start and by
     ``train_on_batch``). Raises where the step cannot be accumulated; on
-    backends without ``run_when`` (JAX) only steps that end in the mixin's
-    step are accepted, which shows when the step is first traced.
+    backends whose steps are stateless (JAX: ``STATEFUL_STEPS`` is False)
+    only steps that end in the mixin's step are accepted, which shows when
+    the step is first traced.
     """
     step = user_train_step(model)
     if step is None:
@@ -106,7 +107,7 @@ def _unsupported_backend(name: str) -> NotImplementedError:
 def _check_supported(model, backend, step) -> None:
     name = _step_name(step)
     code = getattr(step, "__code__", None)
-    if not hasattr(backend, "run_when") and code is not None and "super" not in code.co_names:
+    if not backend.STATEFUL_STEPS and code is not None and "super" not in code.co_names:
         # Refused now rather than when the step is traced: Keras' JAX fit()
         # has released the model's variables by then, and an error leaves
         # them released.
@@ -262,7 +263,7 @@ def _make_step(model, backend, user_step):
         data = args[-1]
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         samples = backend.num_samples(x)
-        interception = _Interception(model, samples, name, hasattr(backend, "run_when"))
+        interception = _Interception(model, samples, name, backend.STATEFUL_STEPS)
         object.__setattr__(model, "_accumulation_interception", interception)
         try:
             with interception.patched():
@@ -331,7 +332,7 @@ def _plain_step(model, backend, user_step, args):
     finally:
         object.__setattr__(model, "_accumulation_interception", None)
     state = model._accumulation_state
-    if not delegation.delegated and hasattr(backend, "run_when") and state.built:
+    if not delegation.delegated and backend.STATEFUL_STEPS and state.built:
         x, _, _ = keras.utils.unpack_x_y_sample_weight(args[-1])
         samples = backend.num_samples(x)
         with backend.after_data(x):

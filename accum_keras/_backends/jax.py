@@ -52,6 +52,11 @@ from accum_keras import _apply, _keras_internals, _loss_terms, _state, _window
 _SCALAR_NAMES = tuple(name for name, _ in _state._SCALARS)
 
 
+#: The step is stateless: a user-written ``train_step`` is accumulated only
+#: when it ends in the mixin's (``super().train_step``).
+STATEFUL_STEPS = False
+
+
 def distribution_scope(model):
     """The scope accumulators are created in.
 

@@ -34,6 +34,10 @@ from keras.utils import unpack_x_y_sample_weight
 from accum_keras import _apply, _keras_internals, _sparse, _window
 from accum_keras._backends import _stateful
 
+#: The step assigns variables: a user-written ``train_step``'s optimizer
+#: calls can be intercepted and accumulated (`accum_keras._custom_step`).
+STATEFUL_STEPS = True
+
 
 def distribution_scope(model):
     """The scope accumulators are created in."""

@@ -13,6 +13,9 @@ Public API:
   batch, with warmup (standalone; the callback scales the rate itself).
 - `layers.AccumBatchNormalization`, `layers.convert_batch_normalization`:
   BatchNormalization whose moving statistics follow windows, not micro-batches.
+- `SparseUpdateWarning`: the category of the warning that Keras' TensorFlow
+  sparse update of an optimizer differs from its update of a window's sum
+  (filter it to silence it).
 """
 
 from accum_keras import layers
@@ -22,7 +25,7 @@ from accum_keras._model import AccumulatingModel, Model, Sequential
 from accum_keras._schedules import ScaledLearningRate
 from accum_keras._sparse import SparseUpdateWarning
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AccumulatingModel",

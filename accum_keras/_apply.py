@@ -83,9 +83,9 @@ def apply_window(model, updates: Sequence[Update]) -> None:
 
 
 def _apply_gradients(optimizer, gradients: list, variables: list) -> None:
-    # The class's `apply`: a user-written step's interception patches the
-    # instance while the step runs.
-    type(optimizer).apply(optimizer, gradients, variables)
+    # The instance's `apply`, as plain Keras calls it (whatever wraps it);
+    # a user-written step's interception is removed before its window ends.
+    optimizer.apply(gradients, variables)
 
 
 def window_layers(model) -> list[Any]:

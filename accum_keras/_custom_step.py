@@ -364,6 +364,25 @@ def is_active(model) -> bool:
     )
 
 
+def fills_open_window(model) -> bool:
+    """Whether the open window was filled by a user-written step's optimizer calls.
+
+    A user step that ends in ``super().train_step`` fills it with the built-in
+    step, which is known once the step ran in this process. A model loaded
+    with an open window tells from the checkpoint: a user step's window
+    records its optimizers (`record_optimizers`) and leaves the window's loss
+    divisor at 0 (only the built-in step sums loss divisors).
+    """
+    if not is_active(model):
+        return False
+    if getattr(model, "_accumulation_custom_updates", None) is not None:
+        return True
+    state = model._accumulation_state
+    if state.optimizer_indices is not None:
+        return True
+    return float(ops.convert_to_numpy(state.window_divisor)) == 0.0
+
+
 def apply_window(model) -> None:
     """Hands each optimizer the mean gradient of the window and opens a new one.
 

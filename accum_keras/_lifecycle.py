@@ -55,7 +55,7 @@ def apply_pending(model) -> bool:
         Whether a window was applied.
     """
     pending = pending_micro_steps(model) > 0
-    if pending and _custom_step.is_active(model):
+    if pending and _custom_step.fills_open_window(model):
         _custom_step.apply_window(model)
     elif pending:
         if model._accumulation_apply_function is None:

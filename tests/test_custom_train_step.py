@@ -320,7 +320,8 @@ class Rescaling(accum_keras.AccumulatingModel, keras.Model):
         return self.dense(x)
 
     def train_step(self, *args):
-        *state, (x, y) = args
+        *state, data = args
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         return super().train_step(*state, (x * 2.0, y))
 
 
@@ -337,6 +338,33 @@ def test_a_step_that_calls_super_uses_the_built_in_accumulation():
     accumulating.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0)
     plain.fit(x * 2.0, y, batch_size=MICRO * K, epochs=2, shuffle=False, verbose=0)
     assert_same_training(accumulating, plain)
+
+
+def test_a_loaded_window_of_a_step_that_calls_super_is_applied_as_the_built_in_one(tmp_path):
+    # Found by the randomized window test: a fresh model has not run its step
+    # yet, so only the checkpoint can say which step filled the window.
+    x, y = regression_data(samples=2 * MICRO)
+    keras.utils.set_random_seed(0)
+    model = Rescaling(accumulation_steps=K)
+    model(np.zeros((1, 5), "float32"))
+    inputs = keras.Input((5,))
+    plain = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    plain.set_weights(model.get_weights())
+    for each in (model, plain):
+        each.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    for start in (0, MICRO):
+        model.train_on_batch(x[start : start + MICRO], y[start : start + MICRO])
+    path = str(tmp_path / "window.weights.h5")
+    model.save_weights(path)
+    fresh = Rescaling(accumulation_steps=K)
+    fresh(np.zeros((1, 5), "float32"))
+    fresh.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.load_weights(path)
+    assert fresh.pending_micro_steps == 2
+    assert fresh.apply_pending_window()
+    plain.train_on_batch(x * 2.0, y)
+    assert_same_training(fresh, plain)
 
 
 # -- what cannot be accumulated fails before any update ----------------------

@@ -325,16 +325,24 @@ class Rescaling(accum_keras.AccumulatingModel, keras.Model):
         return super().train_step(*state, (x * 2.0, y))
 
 
+def _rescaling(plain_twin=False):
+    """A compiled `Rescaling` model, and a plain Keras twin with its weights if asked."""
+    model = Rescaling(accumulation_steps=K)
+    model(np.zeros((1, 5), "float32"))
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    if not plain_twin:
+        return model
+    inputs = keras.Input((5,))
+    plain = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    plain.set_weights(model.get_weights())
+    plain.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    return model, plain
+
+
 def test_a_step_that_calls_super_uses_the_built_in_accumulation():
     x, y = regression_data(samples=40)
     keras.utils.set_random_seed(0)
-    accumulating = Rescaling(accumulation_steps=K)
-    accumulating(np.zeros((1, 5), "float32"))
-    inputs = keras.Input((5,))
-    plain = keras.Model(inputs, keras.layers.Dense(1)(inputs))
-    plain.set_weights(accumulating.get_weights())
-    for model in (accumulating, plain):
-        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    accumulating, plain = _rescaling(plain_twin=True)
     accumulating.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0)
     plain.fit(x * 2.0, y, batch_size=MICRO * K, epochs=2, shuffle=False, verbose=0)
     assert_same_training(accumulating, plain)
@@ -345,20 +353,12 @@ def test_a_loaded_window_of_a_step_that_calls_super_is_applied_as_the_built_in_o
     # yet, so only the checkpoint can say which step filled the window.
     x, y = regression_data(samples=2 * MICRO)
     keras.utils.set_random_seed(0)
-    model = Rescaling(accumulation_steps=K)
-    model(np.zeros((1, 5), "float32"))
-    inputs = keras.Input((5,))
-    plain = keras.Model(inputs, keras.layers.Dense(1)(inputs))
-    plain.set_weights(model.get_weights())
-    for each in (model, plain):
-        each.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    model, plain = _rescaling(plain_twin=True)
     for start in (0, MICRO):
         model.train_on_batch(x[start : start + MICRO], y[start : start + MICRO])
     path = str(tmp_path / "window.weights.h5")
     model.save_weights(path)
-    fresh = Rescaling(accumulation_steps=K)
-    fresh(np.zeros((1, 5), "float32"))
-    fresh.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    fresh = _rescaling()
     fresh.optimizer.build(fresh.trainable_variables)
     fresh.load_weights(path)
     assert fresh.pending_micro_steps == 2

@@ -13,7 +13,12 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from helpers import RTOL, assert_same_training, max_relative_difference
+from helpers import (
+    RTOL,
+    assert_same_training,
+    max_relative_difference,
+    train_step_applying_its_gradients,
+)
 from watched import Hung, run_watched
 
 import accum_keras
@@ -279,14 +284,7 @@ class OwnStep(accum_keras.AccumulatingModel, keras.Model):
         return self.out(self.hidden(x))
 
     def train_step(self, data):
-        import tensorflow as tf
-
-        x, y = data
-        with tf.GradientTape() as tape:
-            loss = keras.ops.mean(keras.ops.square(self(x) - y))
-        gradients = tape.gradient(loss, self.trainable_variables)
-        self.optimizer.apply(gradients, self.trainable_variables)
-        return {"loss": loss}
+        return train_step_applying_its_gradients(self, data)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras' TF epoch loop")

@@ -125,12 +125,7 @@ def accumulate_micro_batch(model, data):
     _sparse.record_sparse_gradients(model, variables, gradients)
     _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
 
-    # Tied to the data: when a dataset of unknown length runs out, Keras calls
-    # the step once more and its `get_next` fails, but window counters whose
-    # updates do not depend on the data may still run (plain Keras counts such
-    # a call in `optimizer.iterations`): a window with no gradient, or the next
-    # window's divisor off by a micro-batch. (`samples` and the divisors are
-    # constants when the batch size is static.)
+    # The counters wait for the data (see `after_data`: unknown-length datasets).
     with after_data(x):
         global_samples = _sum_over_replicas(samples)
         state.window_divisor.assign_add(weights.divisor)

@@ -570,9 +570,6 @@ def all_finite(gradients) -> Any:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in present]))
 
 
-_is_loss_scale_optimizer = _apply.is_loss_scale_optimizer
-
-
 def check_skip_nonfinite_supported(model) -> None:
     """Every JAX setup supports ``skip_nonfinite_updates``."""
 

@@ -210,7 +210,7 @@ class TrainFunction:
         separate = (
             not model.run_eagerly
             and getattr(model, "_distribute_strategy", None) is None
-            and not _is_loss_scale_optimizer(model.optimizer)
+            and not _apply.is_loss_scale_optimizer(model.optimizer)
         )
         if separate:
             # Each traced once, shared by both programs.
@@ -280,7 +280,7 @@ def _host_micro_step(model) -> int:
 
 def _loss_scale(optimizer):
     """The factor ``optimizer.scale_loss`` multiplies by, or None when it has none."""
-    if _is_loss_scale_optimizer(optimizer) or getattr(optimizer, "loss_scale_factor", None):
+    if _apply.is_loss_scale_optimizer(optimizer) or getattr(optimizer, "loss_scale_factor", None):
         return tf.cast(optimizer.scale_loss(tf.constant(1.0)), "float32")
     return None
 
@@ -400,7 +400,7 @@ def check_skip_nonfinite_supported(model) -> None:
     """Refuses ``skip_nonfinite_updates`` where the update cannot be made conditional."""
     if model.skip_nonfinite_updates and not (
         _keras_internals.strategy_supports_no_merge_call()
-        or _is_loss_scale_optimizer(model.optimizer)
+        or _apply.is_loss_scale_optimizer(model.optimizer)
     ):
         raise NotImplementedError(
             "`skip_nonfinite_updates=True` is not supported under this tf.distribute "
@@ -408,9 +408,6 @@ def check_skip_nonfinite_supported(model) -> None:
             "LossScaleOptimizer (mixed precision), which skips non-finite windows "
             "itself, or set skip_nonfinite_updates=False."
         )
-
-
-_is_loss_scale_optimizer = _apply.is_loss_scale_optimizer
 
 
 def all_finite(gradients: Sequence[Any]):

@@ -40,6 +40,20 @@ def test_the_logged_effective_batch_size_is_global(mirrored_results):
     assert mirrored_results["adam_l2_equal_windows"]["effective_batch_size"] == [32.0, 32.0]
 
 
+def test_skip_nonfinite_updates_skips_a_window_on_every_replica_when_one_replica_sees_a_nan(
+    mirrored_results,
+):
+    # Built and compiled in the scope, fit() outside it (docs/distributed.md);
+    # equal to plain Keras on the global big batch without the two poisoned
+    # windows (one closed inside the step, one at the epoch's end).
+    result = mirrored_results["skip_nan_on_one_replica"]
+    assert result["updates"] == result["reference_updates"] == 4
+    assert result["difference"] <= RTOL
+    assert result["skipped_updates"] == [2, 4]
+    # Each applied update held a window of 32.
+    assert result["effective_batch_size"] == [32.0, 32.0]
+
+
 def _free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

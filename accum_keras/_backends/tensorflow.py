@@ -462,7 +462,9 @@ def make_apply_function(model):
     apply_pending = _ApplyPending(model)
     if model.run_eagerly:
         return apply_pending
-    return tf.function(apply_pending)
+    # Without AutoGraph, as Keras' own steps: the window's end is graph code,
+    # and converting it logs "could not transform" warnings under strategies.
+    return tf.function(apply_pending, autograph=False)
 
 
 def run_when(condition, function) -> None:
@@ -486,11 +488,18 @@ def run_when(condition, function) -> None:
         tf.cond(condition, run, lambda: tf.constant(False))
         return
 
+    # Not converted by AutoGraph (as Keras' steps are not): the update is
+    # plain graph code, and converting it would log warnings about it.
+    @tf.autograph.experimental.do_not_convert
+    def run_own(own_function):
+        own_function()
+
+    @tf.autograph.experimental.do_not_convert
     def decide_for_all_replicas(distribution, condition, function):
         # ``function`` arrives as each replica's own (it closes over that
         # replica's values), and each replica runs its own.
         def run_on_every_replica():
-            distribution.extended.call_for_each_replica(lambda own: own(), args=(function,))
+            distribution.extended.call_for_each_replica(run_own, args=(function,))
             return tf.constant(True)
 
         # Equal on every replica: the first one's value decides.

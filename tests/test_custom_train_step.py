@@ -254,6 +254,63 @@ def test_custom_step_saved_mid_window_continues_like_uninterrupted(tmp_path):
     )
 
 
+def _two_tower_step_weighting_b(model, data):
+    """The two-tower step, with the sample weights in tower b's loss only."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    x, y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
+    weight = ops.reshape(ops.convert_to_tensor(sample_weight), (-1, 1))
+    logs = {}
+    for name, tower, optimizer, weights in (
+        ("a", model.tower_a, model.a_optimizer, ops.ones_like(weight)),
+        ("b", model.tower_b, model.b_optimizer, weight),
+    ):
+        variables = tower.trainable_variables
+
+        def loss_fn(tower=tower, weights=weights):
+            return ops.mean(ops.abs(tower(x, training=True) - y) * weights)
+
+        logs[name], gradients = gradients_of(model, loss_fn, variables)
+        with _no_grad():
+            optimizer.apply_gradients(zip(gradients, variables))
+    return logs
+
+
+class PlainTowersWeightingB(PlainTowers):
+    def train_step(self, data):
+        return _two_tower_step_weighting_b(self, data)
+
+
+class AccumTowersWeightingB(accum_keras.AccumulatingModel, PlainTowersWeightingB):
+    pass
+
+
+@needs_tf_or_torch
+def test_a_non_finite_gradient_of_the_second_optimizer_skips_the_window_for_both():
+    # A NaN sample weight in window 2 reaches tower b's gradient only; the
+    # reference is the plain step on the big batch without that window.
+    x, y = regression_data(samples=64)
+    sample_weight = np.ones(64, "float32")
+    sample_weight[K * MICRO + 3] = np.nan
+    accumulating = _towers(AccumTowersWeightingB, accumulation_steps=K, skip_nonfinite_updates=True)
+    plain = _towers(PlainTowersWeightingB)
+    plain.set_weights(accumulating.get_weights())
+    accumulating.fit(x, y, sample_weight=sample_weight, batch_size=MICRO, shuffle=False, verbose=0)
+    kept = np.r_[0 : K * MICRO, 2 * K * MICRO : 64]
+    plain.fit(
+        x[kept],
+        y[kept],
+        sample_weight=sample_weight[kept],
+        batch_size=MICRO * K,
+        shuffle=False,
+        verbose=0,
+    )
+    assert int(accumulating._accumulation_state.skipped_updates.numpy()) == 1
+    for name in ("a_optimizer", "b_optimizer"):
+        assert int(getattr(accumulating, name).iterations.numpy()) == 3
+        assert int(getattr(plain, name).iterations.numpy()) == 3
+    assert max_relative_difference(accumulating.get_weights(), plain.get_weights()) < 2e-6
+
+
 # -- a GAN: the generator's step reads the discriminator ---------------------
 
 

@@ -359,8 +359,10 @@ class AccumulatingModel:
         if state.built:
             x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
             samples = _backend_module().num_samples(x)
-            state.last_update_samples.assign(ops.cast(samples, "int32"))
-            state.add_samples_seen(samples)
+            # Not in the step Keras runs past the end of an unknown-length dataset.
+            with _backend_module().after_data(x):
+                state.last_update_samples.assign(ops.cast(samples, "int32"))
+                state.add_samples_seen(samples)
         return logs
 
     # -- window life -------------------------------------------------------

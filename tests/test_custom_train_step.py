@@ -382,9 +382,9 @@ class Rescaling(accum_keras.AccumulatingModel, keras.Model):
         return super().train_step(*state, (x * 2.0, y))
 
 
-def _rescaling(plain_twin=False):
+def _rescaling(plain_twin=False, accumulation_steps=K):
     """A compiled `Rescaling` model, and a plain Keras twin with its weights if asked."""
-    model = Rescaling(accumulation_steps=K)
+    model = Rescaling(accumulation_steps=accumulation_steps)
     model(np.zeros((1, 5), "float32"))
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     if not plain_twin:
@@ -394,6 +394,15 @@ def _rescaling(plain_twin=False):
     plain.set_weights(model.get_weights())
     plain.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     return model, plain
+
+
+def test_a_step_that_calls_super_counts_each_sample_once_at_k_1():
+    x, y = regression_data(samples=40)
+    model = _rescaling(accumulation_steps=1)
+    callback = accum_keras.AccumulationCallback(lr_scaling=None)
+    model.fit(x, y, batch_size=MICRO, verbose=0, callbacks=[callback])
+    assert model._accumulation_state.total_samples_seen() == 40
+    assert model.history.history["effective_batch_size"] == [float(MICRO)]
 
 
 def test_a_step_that_calls_super_uses_the_built_in_accumulation():

@@ -62,7 +62,8 @@ def _free_loopback_port() -> int:
 
 def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
     # Two worker processes on loopback ports, one replica each; 60 samples in
-    # global micro-batches of 8 and windows of 4 (the last one short).
+    # global micro-batches of 8 and windows of 4 (the last one short). Also
+    # skip_nonfinite_updates with a NaN label on one worker.
     cluster = {"worker": [f"127.0.0.1:{_free_loopback_port()}" for _ in range(2)]}
     workers = []
     try:
@@ -80,3 +81,7 @@ def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
         assert result["workers"] == 2
         assert result["updates"] == result["reference_updates"] == 4
         assert result["difference"] <= RTOL
+        # skip_nonfinite_updates, a NaN on one worker: its window is skipped
+        # on both, as plain Keras without that window.
+        assert (result["skip_updates"], result["skipped_updates"]) == (2, 2)
+        assert result["skip_difference"] <= RTOL

@@ -69,8 +69,9 @@ class AccumulatingModel:
             logged ``skipped_updates``; like optax's ``apply_if_finite``, for
             any dtype policy. A `LossScaleOptimizer` skips such windows
             anyway. Applies to windows of ``accumulation_steps >= 2`` (at 1
-            the model runs Keras' own step); not supported under
-            ``tf.distribute`` strategies other than the default one.
+            the model runs Keras' own step). Under a ``tf.distribute``
+            strategy a non-finite gradient on any replica skips the window
+            on every replica.
         accumulator_dtype: the dtype the window's gradients are summed in:
             ``"float32"`` (the default: the big batch's update to float32
             round-off, whatever the weights' dtype), ``"bfloat16"`` or

@@ -43,9 +43,10 @@ def test_the_logged_effective_batch_size_is_global(mirrored_results):
 def test_skip_nonfinite_updates_skips_a_window_on_every_replica_when_one_replica_sees_a_nan(
     mirrored_results,
 ):
-    # Built and compiled in the scope, fit() outside it (docs/distributed.md);
-    # equal to plain Keras on the global big batch without the two poisoned
-    # windows (one closed inside the step, one at the epoch's end).
+    # Built and compiled in the scope, fit() outside it (docs/distributed.md)
+    # for the first epoch and inside it for the second; equal to plain Keras on
+    # the global big batch without the two poisoned windows of each epoch (one
+    # closed inside the step, one at the epoch's end).
     result = mirrored_results["skip_nan_on_one_replica"]
     assert result["updates"] == result["reference_updates"] == 4
     assert result["difference"] <= RTOL

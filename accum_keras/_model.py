@@ -66,8 +66,9 @@ class AccumulatingModel:
             logged ``skipped_updates``; like optax's ``apply_if_finite``, for
             any dtype policy. A `LossScaleOptimizer` skips such windows
             anyway. Applies to windows of ``accumulation_steps >= 2`` (at 1
-            the model runs Keras' own step); not supported under
-            ``tf.distribute`` strategies other than the default one.
+            the model runs Keras' own step). Under a ``tf.distribute``
+            strategy a non-finite gradient on any replica skips the window
+            on every replica.
         accumulator_dtype: the dtype the window's gradients are summed in:
             ``"float32"`` (the default: the big batch's update to float32
             round-off, whatever the weights' dtype), ``"bfloat16"`` or
@@ -348,8 +349,10 @@ class AccumulatingModel:
         if state.built:
             x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
             samples = _backend_module().num_samples(x)
-            state.last_update_samples.assign(ops.cast(samples, "int32"))
-            state.add_samples_seen(samples)
+            # Not in the step Keras runs past the end of an unknown-length dataset.
+            with _backend_module().after_data(x):
+                state.last_update_samples.assign(ops.cast(samples, "int32"))
+                state.add_samples_seen(samples)
         return logs
 
     # -- window life -------------------------------------------------------

@@ -29,6 +29,7 @@ _SCALARS = (
     ("samples_seen", "int32"),
     ("samples_seen_blocks", "int32"),
     ("skipped_updates", "int32"),
+    ("skipped_samples", "int32"),
 )
 
 # `samples_seen` counts modulo this block size and `samples_seen_blocks` counts
@@ -63,6 +64,8 @@ class AccumulationState(KerasSaveable):
             samples_seen`` (read it with `total_samples_seen`).
         skipped_updates: windows not applied because their gradient was
             non-finite (``skip_nonfinite_updates`` or a `LossScaleOptimizer`).
+        skipped_samples: the samples of those windows, so that the samples
+            of the applied updates can be told from the samples seen.
         accumulation_steps: ``k``, read by the compiled step so that it can be
             changed without retracing.
         accumulator_dtype: one of `accum_keras._config.ACCUMULATOR_DTYPES`,
@@ -210,6 +213,7 @@ class AccumulationState(KerasSaveable):
             "samples_seen",
             "samples_seen_blocks",
             "skipped_updates",
+            "skipped_samples",
         ):
             if name in saved:
                 getattr(self, name).assign(saved[name])

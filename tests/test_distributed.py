@@ -40,6 +40,21 @@ def test_the_logged_effective_batch_size_is_global(mirrored_results):
     assert mirrored_results["adam_l2_equal_windows"]["effective_batch_size"] == [32.0, 32.0]
 
 
+def test_skip_nonfinite_updates_skips_a_window_on_every_replica_when_one_replica_sees_a_nan(
+    mirrored_results,
+):
+    # Built and compiled in the scope, fit() outside it (docs/distributed.md)
+    # for the first epoch and inside it for the second; equal to plain Keras on
+    # the global big batch without the two poisoned windows of each epoch (one
+    # closed inside the step, one at the epoch's end).
+    result = mirrored_results["skip_nan_on_one_replica"]
+    assert result["updates"] == result["reference_updates"] == 4
+    assert result["difference"] <= RTOL
+    assert result["skipped_updates"] == [2, 4]
+    # Each applied update held a window of 32.
+    assert result["effective_batch_size"] == [32.0, 32.0]
+
+
 def _free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -48,7 +63,8 @@ def _free_loopback_port() -> int:
 
 def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
     # Two worker processes on loopback ports, one replica each; 60 samples in
-    # global micro-batches of 8 and windows of 4 (the last one short).
+    # global micro-batches of 8 and windows of 4 (the last one short). Also
+    # skip_nonfinite_updates with a NaN label on one worker.
     cluster = {"worker": [f"127.0.0.1:{_free_loopback_port()}" for _ in range(2)]}
     workers = []
     try:
@@ -66,3 +82,7 @@ def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
         assert result["workers"] == 2
         assert result["updates"] == result["reference_updates"] == 4
         assert result["difference"] <= RTOL
+        # skip_nonfinite_updates, a NaN on one worker: its window is skipped
+        # on both, as plain Keras without that window.
+        assert (result["skip_updates"], result["skipped_updates"]) == (2, 2)
+        assert result["skip_difference"] <= RTOL

@@ -302,3 +302,31 @@ def test_unknown_cardinality_with_a_user_written_train_step():
     plain.fit(_cardinality_data(8, known=True), epochs=2, verbose=0)
     assert_same_training(model, plain)
     assert int(model.optimizer.iterations.numpy()) == 8
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras' TF epoch loop")
+@pytest.mark.parametrize("user_step", [False, True], ids=["built_in_step", "user_step"])
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_unknown_cardinality_counts_each_sample_once(user_step, accumulation_steps):
+    # Keras calls the step once more per epoch than there are batches, and
+    # that call reads no data: it must count nothing (a static batch size
+    # gives the counters a constant to count).
+    keras.utils.set_random_seed(0)
+    if user_step:
+        model = OwnStep(accumulation_steps=accumulation_steps)
+        model(np.zeros((1, 3), "float32"))
+        model.compile(keras.optimizers.SGD(1e-2))
+    else:
+        inputs = keras.Input((3,))
+        model = accum_keras.Model(
+            inputs, keras.layers.Dense(1)(inputs), accumulation_steps=accumulation_steps
+        )
+        model.compile(keras.optimizers.SGD(1e-2), "mse")
+    callback = accum_keras.AccumulationCallback(lr_scaling=None)
+    data = _cardinality_data(4, known=False, static_batch=True)
+    model.fit(data, epochs=2, verbose=0, callbacks=[callback])
+    assert model._accumulation_state.total_samples_seen() == 2 * 32
+    if accumulation_steps > 1:
+        # At k = 1 the step is Keras' own, whose extra call counts an update
+        # in `optimizer.iterations` (see above), which the epoch's value divides by.
+        assert model.history.history["effective_batch_size"] == [4.0 * accumulation_steps] * 2

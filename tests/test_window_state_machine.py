@@ -390,6 +390,7 @@ class WindowLife(RuleBasedStateMachine):
         self.warmup = 0
         self.skipped = 0
         self.last_update_samples = 0
+        self.applied_samples = 0  # in all applied updates
         self.moving_mean = np.zeros(FEATURES)
         self.moving_variance = np.ones(FEATURES)
 
@@ -423,6 +424,7 @@ class WindowLife(RuleBasedStateMachine):
         self.plain.train_on_batch(inputs[rows], Y[rows])
         self.plain_updates += 1
         self.last_update_samples = len(rows)
+        self.applied_samples += len(rows)
         if pooled:
             self._move_statistics(X[rows_of(pooled)])
 
@@ -542,6 +544,7 @@ class WindowLife(RuleBasedStateMachine):
                 if started:
                     self._reference_resize(scaling.schedule[max(started)])
             epoch_start_updates = self.plain_updates
+            epoch_start_samples = self.applied_samples
             final = epoch == epochs - 1
             trained = indices[: last + 1] if final else indices
             for batch, index in enumerate(trained):
@@ -561,7 +564,9 @@ class WindowLife(RuleBasedStateMachine):
             if scaling is not None:
                 epoch_updates = self.plain_updates - epoch_start_updates
                 if epoch_updates:
-                    logs["effective_batch_size"] = len(trained) * MICRO / epoch_updates
+                    # The mean batch of the epoch's updates (docs/callback.md).
+                    epoch_samples = self.applied_samples - epoch_start_samples
+                    logs["effective_batch_size"] = epoch_samples / epoch_updates
                 logs["learning_rate"] = self.base_rate * self._multiplier()
                 if scaling.schedule is not None:
                     logs["accumulation_steps"] = float(self.k)

@@ -397,17 +397,7 @@ def _scaled(accumulated, scale, dtype):
 
 
 def check_skip_nonfinite_supported(model) -> None:
-    """Refuses ``skip_nonfinite_updates`` where the update cannot be made conditional."""
-    if model.skip_nonfinite_updates and not (
-        _keras_internals.strategy_supports_no_merge_call()
-        or _apply.is_loss_scale_optimizer(model.optimizer)
-    ):
-        raise NotImplementedError(
-            "`skip_nonfinite_updates=True` is not supported under this tf.distribute "
-            "strategy (its optimizer update cannot run under a condition). Use a "
-            "LossScaleOptimizer (mixed precision), which skips non-finite windows "
-            "itself, or set skip_nonfinite_updates=False."
-        )
+    """Every strategy supports ``skip_nonfinite_updates`` (see `run_when`)."""
 
 
 def all_finite(gradients: Sequence[Any]):
@@ -472,14 +462,48 @@ def make_apply_function(model):
     apply_pending = _ApplyPending(model)
     if model.run_eagerly:
         return apply_pending
-    return tf.function(apply_pending)
+    # Without AutoGraph, as Keras' own steps: the window's end is graph code,
+    # and converting it logs "could not transform" warnings under strategies.
+    return tf.function(apply_pending, autograph=False)
 
 
 def run_when(condition, function) -> None:
-    """Runs ``function`` (which returns nothing) when ``condition`` holds, inside the step."""
+    """Runs ``function`` (which returns nothing) when ``condition`` holds, inside the step.
+
+    ``condition`` must be equal on every replica (`all_finite` is global).
+    Under a strategy whose replicas synchronize through ``merge_call``
+    (`MirroredStrategy` on CPUs and GPUs), ``function`` may synchronize too
+    (``optimizer.apply`` all-reduces), which is not allowed under a
+    per-replica `tf.cond`: there the condition is decided in cross-replica
+    context and ``function`` run for each replica, as Keras'
+    `LossScaleOptimizer` decides its skip.
+    """
 
     def run():
         function()
         return tf.constant(True)
 
-    tf.cond(condition, run, lambda: tf.constant(False))
+    context = tf.distribute.get_replica_context()
+    if context is None or _keras_internals.strategy_supports_no_merge_call():
+        tf.cond(condition, run, lambda: tf.constant(False))
+        return
+
+    # Not converted by AutoGraph (as Keras' steps are not): the update is
+    # plain graph code, and converting it would log warnings about it.
+    @tf.autograph.experimental.do_not_convert
+    def run_own(own_function):
+        own_function()
+
+    @tf.autograph.experimental.do_not_convert
+    def decide_for_all_replicas(distribution, condition, function):
+        # ``function`` arrives as each replica's own (it closes over that
+        # replica's values), and each replica runs its own.
+        def run_on_every_replica():
+            distribution.extended.call_for_each_replica(run_own, args=(function,))
+            return tf.constant(True)
+
+        # Equal on every replica: the first one's value decides.
+        first = distribution.experimental_local_results(condition)[0]
+        tf.cond(first, run_on_every_replica, lambda: tf.constant(False))
+
+    context.merge_call(decide_for_all_replicas, args=(condition, function))

@@ -40,6 +40,22 @@ def test_the_logged_effective_batch_size_is_global(mirrored_results):
     assert mirrored_results["adam_l2_equal_windows"]["effective_batch_size"] == [32.0, 32.0]
 
 
+@pytest.fixture(scope="module")
+def resumed_results():
+    completed = run_watched([sys.executable, WORKER, "resume"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_a_mid_window_save_resumes_exactly_on_every_replica(resumed_results):
+    # Each replica rounds its own half-precision accumulator: the checkpoint
+    # keeps every replica's share, not only their sum.
+    result = resumed_results["resume_bfloat16"]
+    assert result["pending"] == 3
+    assert result["updates"] == 2
+    assert result["difference"] == 0.0
+
+
 def _free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -414,6 +414,35 @@ def _scaled(accumulated, scale, dtype):
     return tf.cast(tf.cast(accumulated, wide) * tf.cast(scale, wide), dtype)
 
 
+def _local_replicas(variable) -> tuple:
+    """The replicas' components of a replica-local variable, when all are in this process."""
+    value = variable.value
+    if not isinstance(value, tf.distribute.DistributedValues):
+        return ()
+    components = tuple(value.values)
+    replicas = value.distribute_strategy.num_replicas_in_sync
+    # Several workers: this process holds only its own replicas' shares.
+    return components if 1 < len(components) == replicas else ()
+
+
+def replica_values(variable) -> list | None:
+    """Each replica's share of a replica-local accumulator (for saving), or None."""
+    components = _local_replicas(variable)
+    return [component.numpy() for component in components] or None
+
+
+def assign_replica_values(variable, values) -> None:
+    """Gives each replica its saved share, when the replicas are as many as when saved.
+
+    Otherwise the accumulator keeps the even split of the saved sum that
+    ``assign`` made.
+    """
+    components = _local_replicas(variable)
+    if len(components) == len(values):
+        for component, value in zip(components, values):
+            component.assign(value)
+
+
 def check_skip_nonfinite_supported(model) -> None:
     """Refuses ``skip_nonfinite_updates`` where the update cannot be made conditional."""
     if model.skip_nonfinite_updates and not (

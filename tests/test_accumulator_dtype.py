@@ -28,14 +28,14 @@ def policy(request):
     keras.config.set_dtype_policy("float32")
 
 
-def linear_model(accumulator_dtype="float32", k=K, **kwargs):
+def linear_model(accumulator_dtype="float32", k=K, optimizer=None, **kwargs):
     """Zero-initialized ``y = x W``: one SGD(1) window leaves ``W = -gradient``."""
     inputs = keras.Input((FEATURES,))
     outputs = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")(inputs)
     model = accum_keras.Model(
         inputs, outputs, accumulation_steps=k, accumulator_dtype=accumulator_dtype, **kwargs
     )
-    model.compile(keras.optimizers.SGD(1.0), loss="mse")
+    model.compile(optimizer or keras.optimizers.SGD(1.0), loss="mse")
     return model
 
 
@@ -404,8 +404,8 @@ def test_float16_accumulators_under_a_loss_scale_hold_unscaled_gradients():
     # Gradients up to ~100 times the initial loss scale 2**15 exceed float16's
     # range (65504): the accumulator must receive them unscaled, in float32.
     x, y = integer_data(high=32)
-    model = linear_model("float16")
-    model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1.0)), loss="mse")
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1.0))
+    model = linear_model("float16", optimizer=optimizer)
     start_scale = float(keras.ops.convert_to_numpy(model.optimizer.scale_loss(1.0)))
     model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
     assert int(model._accumulation_state.skipped_updates.numpy()) == 0

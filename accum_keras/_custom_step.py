@@ -10,7 +10,9 @@ while the user's step runs:
   mean over the micro-batch's samples (like an overridden ``compute_loss``),
   multiplied by the micro-batch's sample count and added to the accumulator of
   its variable (the same accumulators, `AccumulationState.gradients`, that the
-  built-in step uses, so saving mid-window works unchanged);
+  built-in step uses, so saving mid-window works unchanged); a gradient handed
+  to a loss-scaling optimizer is divided by its loss scale first, and the
+  window is handed back multiplied by it;
 - nothing is applied during the step; after ``accumulation_steps`` steps each
   optimizer receives, once, the sum divided by the window's samples: the
   gradient of the mean over the whole window, i.e. the big batch's gradient

@@ -177,12 +177,23 @@ class AccumulationState(KerasSaveable):
     def save_own_variables(self, store) -> None:
         for name, _ in _SCALARS if self.built else ():
             store[name] = getattr(self, name).numpy()
+        replica_values = self._backend_function("replica_values")
         for index, accumulator in enumerate(self.gradients):
             store[f"gradient_{index}"] = accumulator.numpy()
+            # Replica-local accumulators also keep each replica's share: the
+            # sum alone, split evenly on load, would round differently later.
+            for replica, value in enumerate(replica_values(accumulator) or ()):
+                store[_replica_key(replica, index)] = value
         if self.optimizer_indices is not None and len(self.optimizer_indices) == len(
             self.gradients
         ):
             store["optimizer_indices"] = np.asarray(self.optimizer_indices, "int32")
+
+    def _backend_function(self, name: str):
+        """The owner's backend function ``name``, or one that does nothing."""
+        owner = self._owner() if self._owner is not None else None
+        backend = owner._accumulation_backend() if owner is not None else None
+        return getattr(backend, name, lambda *args: None)
 
     def load_own_variables(self, store) -> None:
         """Restores the saved window, or starts an empty one when it cannot.
@@ -225,8 +236,14 @@ class AccumulationState(KerasSaveable):
         if pending and matches:
             for name in ("micro_step", "window_divisor", "reference_divisor", "window_samples"):
                 getattr(self, name).assign(saved[name])
-            for key, accumulator in zip(saved_gradients, self.gradients):
+            assign_replica_values = self._backend_function("assign_replica_values")
+            for index, (key, accumulator) in enumerate(zip(saved_gradients, self.gradients)):
                 accumulator.assign(np.asarray(store[key]))
+                shares = []
+                while _replica_key(len(shares), index) in keys:
+                    shares.append(np.asarray(store[_replica_key(len(shares), index)]))
+                if shares:
+                    assign_replica_values(accumulator, shares)
             if "optimizer_indices" in keys:
                 self.optimizer_indices = [int(i) for i in np.asarray(store["optimizer_indices"])]
         else:
@@ -245,6 +262,10 @@ class AccumulationState(KerasSaveable):
                 )
         if owner is not None:
             owner._window_loaded()
+
+
+def _replica_key(replica: int, index: int) -> str:
+    return f"replica_{replica}_gradient_{index}"
 
 
 def _restore_samples_seen(saved: dict) -> None:

@@ -55,6 +55,15 @@ def test_skip_nonfinite_updates_skips_a_window_on_every_replica_when_one_replica
     assert result["effective_batch_size"] == [32.0, 32.0]
 
 
+def test_a_mid_window_save_resumes_exactly_on_every_replica(mirrored_results):
+    # Each replica rounds its own half-precision accumulator: the checkpoint
+    # keeps every replica's share, not only their sum.
+    result = mirrored_results["resume_bfloat16"]
+    assert result["pending"] == 3
+    assert result["updates"] == 2
+    assert result["difference"] == 0.0
+
+
 def _free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -358,10 +358,14 @@ def train_step(model, state, data, may_apply: bool = True):
     # A loss-scaling optimizer's scale is constant within a window: the
     # accumulators hold scaled gradients and the optimizer unscales (and
     # checks) the window's sum, exactly as it would a single gradient.
+    # Half-precision accumulators hold them unscaled (see `_add`).
+    with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
+        loss_scale = _loss_scale(optimizer)
     window = dict(window)
     window["layer_statistics"] = layer_statistics
     window["gradients"] = [
-        _add(accumulated, gradient) for accumulated, gradient in zip(window["gradients"], gradients)
+        _add(accumulated, gradient, loss_scale)
+        for accumulated, gradient in zip(window["gradients"], gradients)
     ]
     window["window_divisor"] = window["window_divisor"] + divisor
     window["reference_divisor"] = reference.astype(window["reference_divisor"].dtype)
@@ -391,14 +395,23 @@ def train_step(model, state, data, may_apply: bool = True):
     return logs, (trainable, non_trainable, optimizer_and_window, metrics)
 
 
-def _add(accumulated, gradient):
+def _add(accumulated, gradient, loss_scale):
     """``accumulated + gradient`` in the accumulator's dtype.
 
     A half-precision accumulator gets the float32 sum rounded once, not the
-    gradient rounded and then the sum.
+    gradient rounded and then the sum, and the gradient unscaled first: a
+    loss-scaled gradient above ~2 exceeds float16's range.
     """
     wide = _summing_dtype(accumulated)
-    return (accumulated.astype(wide) + gradient.astype(wide)).astype(accumulated.dtype)
+    if wide == accumulated.dtype:
+        return accumulated + gradient.astype(wide)
+    unscaled = gradient.astype(wide) / loss_scale.astype(wide)
+    return (accumulated.astype(wide) + unscaled).astype(accumulated.dtype)
+
+
+def _loss_scale(optimizer):
+    """The factor ``optimizer.scale_loss`` multiplies a loss by, in float32 (1 without one)."""
+    return jnp.asarray(optimizer.scale_loss(jnp.float32(1.0)), jnp.float32)
 
 
 def _summing_dtype(accumulated):
@@ -511,12 +524,14 @@ def apply_window_values(
         token = _SCOPE.set((scope, [variable for variable, _ in mapping]))
         try:
             scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
-            gradients = [
-                (accumulator.value.astype(_summing_dtype(accumulator.value)) * scale).astype(
-                    variable.dtype
-                )
-                for accumulator, variable in zip(state.gradients, state.accumulated_variables)
-            ]
+            # Half-precision accumulators hold unscaled gradients (`_add`): scaled
+            # back, the optimizer unscales what it is given as for a plain step.
+            half_scale = scale * _loss_scale(model.optimizer)
+            gradients = []
+            for accumulator, variable in zip(state.gradients, state.accumulated_variables):
+                wide = _summing_dtype(accumulator.value)
+                factor = scale if wide == accumulator.value.dtype else half_scale
+                gradients.append((accumulator.value.astype(wide) * factor).astype(variable.dtype))
             _apply.apply_window(model, [(model.optimizer, gradients, state.accumulated_variables)])
         finally:
             _SCOPE.reset(token)

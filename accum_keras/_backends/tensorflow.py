@@ -307,11 +307,14 @@ def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first) ->
             if isinstance(gradient, tf.IndexedSlices) and replicas == 1:
                 if overwrite:
                     accumulator.assign(tf.zeros_like(accumulator.value))
-                accumulator.value.scatter_add(
-                    tf.IndexedSlices(
-                        unscaled(gradient.values, dtype), gradient.indices, gradient.dense_shape
+                if _summing_dtype(dtype) == dtype:
+                    accumulator.value.scatter_add(
+                        tf.IndexedSlices(
+                            unscaled(gradient.values, dtype), gradient.indices, gradient.dense_shape
+                        )
                     )
-                )
+                else:
+                    _add_rows_rounded_once(accumulator, gradient, unscaled)
             elif overwrite:
                 accumulator.assign(unscaled(tf.convert_to_tensor(gradient), dtype))
             elif _summing_dtype(dtype) == dtype:
@@ -327,6 +330,21 @@ def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first) ->
         return tf.constant(True)
 
     tf.cond(is_first, lambda: write(overwrite=True), lambda: write(overwrite=False))
+
+
+def _add_rows_rounded_once(accumulator, gradient, unscaled) -> None:
+    """Adds sparse rows to a half-precision accumulator by the dense rounding rule.
+
+    A token's occurrences are summed in float32 with the rows they update, and
+    each touched row is rounded once: adding occurrence by occurrence in half
+    precision would round after every one (docs/performance.md).
+    """
+    rows, positions = tf.unique(gradient.indices)
+    sums = tf.math.unsorted_segment_sum(unscaled(gradient.values), positions, tf.shape(rows)[0])
+    total = tf.cast(tf.gather(accumulator.value, rows), "float32") + sums
+    accumulator.value.scatter_update(
+        tf.IndexedSlices(tf.cast(total, accumulator.dtype), rows, gradient.dense_shape)
+    )
 
 
 def _window_is_full(state):
@@ -394,6 +412,35 @@ def _scaled(accumulated, scale, dtype):
     """``accumulated * scale`` computed in the summing dtype, cast once to ``dtype``."""
     wide = _summing_dtype(accumulated.dtype)
     return tf.cast(tf.cast(accumulated, wide) * tf.cast(scale, wide), dtype)
+
+
+def _local_replicas(variable) -> tuple:
+    """The replicas' components of a replica-local variable, when all are in this process."""
+    value = variable.value
+    if not isinstance(value, tf.distribute.DistributedValues):
+        return ()
+    components = tuple(value.values)
+    replicas = value.distribute_strategy.num_replicas_in_sync
+    # Several workers: this process holds only its own replicas' shares.
+    return components if 1 < len(components) == replicas else ()
+
+
+def replica_values(variable) -> list | None:
+    """Each replica's share of a replica-local accumulator (for saving), or None."""
+    components = _local_replicas(variable)
+    return [component.numpy() for component in components] or None
+
+
+def assign_replica_values(variable, values) -> None:
+    """Gives each replica its saved share, when the replicas are as many as when saved.
+
+    Otherwise the accumulator keeps the even split of the saved sum that
+    ``assign`` made.
+    """
+    components = _local_replicas(variable)
+    if len(components) == len(values):
+        for component, value in zip(components, values):
+            component.assign(value)
 
 
 def check_skip_nonfinite_supported(model) -> None:

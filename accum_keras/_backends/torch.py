@@ -117,10 +117,11 @@ def _accumulate(model, objective) -> None:
     known = getattr(state, "torch_has_gradient", None)
     if not _can_alias(parameters, accumulators):
         gradients = torch.autograd.grad(objective, parameters, allow_unused=True)
+        loss_scale = _loss_scale(model.optimizer)
         with torch.no_grad():
             for accumulator, gradient in zip(accumulators, gradients):
                 if gradient is not None:
-                    _add_(accumulator, gradient)
+                    _add_(accumulator, gradient, loss_scale)
         state.torch_has_gradient = (key, [g is not None for g in gradients])
         return
     # The first step after the variables changed also finds out which
@@ -147,13 +148,22 @@ def _accumulate(model, objective) -> None:
         state.torch_has_gradient = (key, received)
 
 
-def _add_(accumulator, gradient) -> None:
-    """``accumulator += gradient``; a half-precision accumulator gets the float32 sum rounded once."""
+def _add_(accumulator, gradient, loss_scale) -> None:
+    """``accumulator += gradient``; a half-precision accumulator gets the float32 sum rounded once.
+
+    It also gets the gradient unscaled (in float32) first: a loss-scaled
+    gradient above ~2 exceeds float16's range.
+    """
     wide = _summing_dtype(accumulator)
     if wide == accumulator.dtype:
         accumulator.add_(gradient.to(accumulator.dtype))
     else:
-        accumulator.copy_(accumulator.to(wide) + gradient.to(wide))
+        accumulator.copy_(accumulator.to(wide) + gradient.to(wide) / loss_scale)
+
+
+def _loss_scale(optimizer):
+    """The factor ``optimizer.scale_loss`` multiplies a loss by, as a float32 tensor."""
+    return torch.as_tensor(optimizer.scale_loss(1.0), dtype=torch.float32)
 
 
 def _summing_dtype(accumulator):
@@ -196,8 +206,10 @@ def apply_window(model) -> None:
             else:
                 # Scaled in float32 and cast once (a half-precision product
                 # would round the scale first); in place when the variable
-                # has the accumulator's dtype.
-                gradient = accumulated.to(_summing_dtype(accumulated)) * scale
+                # has the accumulator's dtype. Scaled back by the loss scale
+                # (`_add_` unscaled): the optimizer unscales what it is given.
+                scale_back = scale * _loss_scale(model.optimizer)
+                gradient = accumulated.to(_summing_dtype(accumulated)) * scale_back
                 if variable.value.dtype == accumulated.dtype:
                     gradient = accumulated.copy_(gradient)
             if gradient.dtype != variable.value.dtype:

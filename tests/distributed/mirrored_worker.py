@@ -1,12 +1,15 @@
 """Runs accumulation under MirroredStrategy on two logical CPUs (own process).
 
 Prints one JSON line: for each case, the relative weight difference to plain
-Keras on one device with the global big batch, and both update counts.
+Keras on one device with the global big batch, and both update counts; for
+the ``resume_*`` cases (argument ``resume``), the difference between a run resumed from a
+mid-window save and the uninterrupted run.
 """
 
 import json
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -114,6 +117,62 @@ def skip_with_nan_on_one_replica():
     }
 
 
+class SaveAt(keras.callbacks.Callback):
+    """Saves the model (or its weights) after one batch, mid-window."""
+
+    def __init__(self, batch, path):
+        super().__init__()
+        self.batch, self.path = batch, path
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            if self.path.endswith(".keras"):
+                self.model.save(self.path)
+            else:
+                self.model.save_weights(self.path)
+
+
+def resume_case(name, accumulator_dtype, fmt):
+    """A mid-window save with half-precision accumulators, resumed on two replicas."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2 * K * GLOBAL_MICRO, 5)).astype("float32")
+    y = rng.normal(size=(2 * K * GLOBAL_MICRO, 1)).astype("float32")
+    strategy = new_strategy()
+
+    def make():
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = accum_keras.Model(
+                *layers(), accumulation_steps=K, accumulator_dtype=accumulator_dtype
+            )
+            model.compile(keras.optimizers.Adam(0.01), loss="mse")
+        return model
+
+    cut = 2 * K - 1  # three micro-batches into the second window
+    path = os.path.join(tempfile.mkdtemp(), f"window.{fmt}")
+    uninterrupted = make()
+    uninterrupted.fit(
+        x, y, batch_size=GLOBAL_MICRO, shuffle=False, verbose=0, callbacks=[SaveAt(cut - 1, path)]
+    )
+    if fmt == "keras":
+        with strategy.scope():
+            resumed = keras.models.load_model(path)
+    else:
+        resumed = make()
+        with strategy.scope():
+            # Keras loads an optimizer's state only into a built optimizer.
+            resumed.optimizer.build(resumed.trainable_variables)
+        resumed.load_weights(path)
+    pending = resumed.pending_micro_steps
+    rest = slice(cut * GLOBAL_MICRO, None)
+    resumed.fit(x[rest], y[rest], batch_size=GLOBAL_MICRO, shuffle=False, verbose=0)
+    return name, {
+        "pending": pending,
+        "updates": int(resumed.optimizer.iterations.numpy()),
+        "difference": max_relative_difference(resumed.get_weights(), uninterrupted.get_weights()),
+    }
+
+
 cases = dict(
     [
         run_case("sgd_momentum", lambda: keras.optimizers.SGD(0.05, momentum=0.9)),
@@ -125,6 +184,9 @@ cases = dict(
             samples=64,
         ),
         skip_with_nan_on_one_replica(),
+        # After other strategies' fits: each strategy has its own collective
+        # keys (`new_strategy`).
+        resume_case("resume_bfloat16", "bfloat16", "keras"),
     ]
 )
 print(json.dumps(cases))

@@ -42,24 +42,23 @@ FLOAT8_RTOL = 2**-4
 
 
 def dense_stack(model_class=keras.Model, **kwargs) -> keras.Model:
-    """Three `Dense` layers, float8-quantized, the same initial weights every call."""
+    """Two `Dense` layers, float8-quantized, the same initial weights every call."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((FEATURES,))
     # Named, so that variable paths match across the models of a test.
-    hidden = keras.layers.Dense(16, activation="relu", name="first")(inputs)
-    hidden = keras.layers.Dense(8, activation="tanh", name="second")(hidden)
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(inputs)
     model = model_class(inputs, keras.layers.Dense(OUTPUTS, name="last")(hidden), **kwargs)
     model.quantize("float8")
     return model
 
 
-def float8_twins(model_class=accum_keras.Model, optimizer=lambda: keras.optimizers.SGD(0.1)):
-    accumulating = dense_stack(model_class, accumulation_steps=K)
-    plain = dense_stack()
-    plain.set_weights(accumulating.get_weights())
-    accumulating.compile(optimizer(), loss="mse")
-    plain.compile(optimizer(), loss="mse")
-    return accumulating, plain
+def compiled(model, optimizer=None) -> keras.Model:
+    model.compile(optimizer or keras.optimizers.SGD(0.1), loss="mse")
+    return model
+
+
+def accumulating_stack(model_class=accum_keras.Model, **kwargs) -> keras.Model:
+    return dense_stack(model_class, accumulation_steps=K, **kwargs)
 
 
 def data(micro_batches: int, seed: int = 0):
@@ -69,12 +68,22 @@ def data(micro_batches: int, seed: int = 0):
     return x, y
 
 
-def overwritten(model) -> list:
-    return [v for v in model.weights if getattr(v, "overwrite_with_gradient", False)]
+def values(variables) -> dict:
+    return {v.path: np.asarray(v) for v in variables}
 
 
-def optimized(model) -> list:
-    return [v for v in model.trainable_weights if not getattr(v, "overwrite_with_gradient", False)]
+@pytest.fixture(scope="module")
+def big_batch():
+    """Plain Keras after one SGD step on the big batch: ``(initial, trained)`` values by path."""
+    plain = compiled(dense_stack())
+    initial = values(plain.weights)
+    x, y = data(K)
+    plain.fit(x, y, batch_size=K * MICRO, shuffle=False, verbose=0)
+    return initial, values(plain.weights)
+
+
+def is_overwritten(variable) -> bool:
+    return bool(getattr(variable, "overwrite_with_gradient", False))
 
 
 def relative(a, b) -> float:
@@ -83,70 +92,88 @@ def relative(a, b) -> float:
     return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), 1e-30)
 
 
-def assert_values(accumulating, plain, rtol: float, what: str = "") -> None:
-    for ours, reference in zip(accumulating, plain, strict=True):
-        difference = relative(ours, reference)
-        assert difference <= rtol, f"{what}{ours.path} differs by {difference:.3g} (relative)"
+def assert_close(model, reference: dict, rtol: float, expected=lambda variable, value: value):
+    """Every weight of ``model`` within ``rtol`` of ``expected(variable, reference value)``."""
+    for variable in model.weights:
+        wanted = expected(variable, reference[variable.path].copy())
+        difference = relative(variable, wanted)
+        assert difference <= rtol, f"{variable.path} differs by {difference:.3g} (relative)"
 
 
-def assert_one_window_of_the_big_batch(accumulating, plain, initial) -> None:
+def assert_one_window_of_the_big_batch(model, big_batch) -> None:
     """Scales and histories equal, kernels to float32 round-off, bias updates to bfloat16's."""
-    assert int(accumulating.optimizer.iterations.numpy()) == int(plain.optimizer.iterations.numpy())
-    for ours, reference in zip(overwritten(accumulating), overwritten(plain), strict=True):
-        np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference), err_msg=ours.path)
-    start = dict(zip([v.path for v in plain.weights], initial))
-    for ours, reference in zip(optimized(accumulating), optimized(plain), strict=True):
-        before = start[reference.path]
-        if reference.path.endswith("bias"):
-            difference = relative(np.asarray(ours) - before, np.asarray(reference) - before)
-            assert difference <= BFLOAT16_RTOL, f"{ours.path}'s update differs by {difference:.3g}"
+    initial, trained = big_batch
+    assert int(model.optimizer.iterations.numpy()) == 1
+    for variable in model.weights:
+        ours, reference = np.asarray(variable), trained[variable.path]
+        if is_overwritten(variable):
+            np.testing.assert_array_equal(ours, reference, err_msg=variable.path)
+        elif variable.path.endswith("bias"):
+            before = initial[variable.path]
+            difference = relative(ours - before, reference - before)
+            assert difference <= BFLOAT16_RTOL, f"{variable.path}'s update: {difference:.3g}"
         else:
-            assert relative(ours, reference) <= RTOL, ours.path
+            assert relative(ours, reference) <= RTOL, variable.path
 
 
-def test_a_window_gives_float8_scales_and_histories_the_big_batchs_values():
-    accumulating, plain = float8_twins()
-    initial = plain.get_weights()
+def test_a_window_gives_float8_scales_and_histories_the_big_batchs_values(big_batch):
+    model = compiled(accumulating_stack())
     x, y = data(K)
-    accumulating.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
-    plain.fit(x, y, batch_size=K * MICRO, shuffle=False, verbose=0)
-    assert_one_window_of_the_big_batch(accumulating, plain, initial)
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    assert_one_window_of_the_big_batch(model, big_batch)
+
+
+def test_half_precision_accumulators_keep_float8_values_in_their_own_dtype(big_batch):
+    model = compiled(accumulating_stack(accumulator_dtype="bfloat16"))
+    x, y = data(K)
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    state = model._accumulation_state
+    for accumulator, variable in zip(state.gradients, state.accumulated_variables):
+        wanted = "float32" if is_overwritten(variable) else "bfloat16"
+        assert keras.backend.standardize_dtype(accumulator.dtype) == wanted, variable.path
+    _, trained = big_batch
+    for variable in model.weights:
+        if is_overwritten(variable):
+            np.testing.assert_array_equal(np.asarray(variable), trained[variable.path])
 
 
 def test_float8_training_follows_the_big_batch_to_float8_round_off():
-    accumulating, plain = float8_twins(optimizer=lambda: keras.optimizers.Adam(1e-2))
+    # SGD: a weight's difference is its gradients' (Adam would blow a
+    # round-off difference of a near-zero gradient up to a step of its own).
+    accumulating = compiled(accumulating_stack())
+    plain = compiled(dense_stack())
     x, y = data(2 * K)
     accumulating.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0)
     plain.fit(x, y, batch_size=K * MICRO, epochs=2, shuffle=False, verbose=0)
     assert int(accumulating.optimizer.iterations.numpy()) == 4
-    assert_values(overwritten(accumulating), overwritten(plain), FLOAT8_RTOL)
-    assert_values(optimized(accumulating), optimized(plain), FLOAT8_RTOL)
+    assert_close(accumulating, values(plain.weights), FLOAT8_RTOL)
 
 
 def test_a_short_last_window_keeps_float8_values_unsummed():
-    # One window of K micro-batches, then one of 2 closed at the epoch's end.
+    # A window of K micro-batches, then one of 2 closed at the epoch's end.
     # The short window's backward pass is normalized as a full window's
-    # (docs/how-it-works.md), so its output-gradient amax is 2 / K of the
-    # big batch's; every other scale and history is the big batch's.
+    # (docs/how-it-works.md), so the output-gradient amax it records is
+    # 2 / K of the big batch's.
     short = 2
-    accumulating, plain = float8_twins()
+    accumulating = compiled(accumulating_stack())
+    plain = compiled(dense_stack())
     x, y = data(K + short)
     accumulating.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
     plain.fit(x, y, batch_size=K * MICRO, shuffle=False, verbose=0)
     assert int(accumulating.optimizer.iterations.numpy()) == 2
-    for ours, reference in zip(overwritten(accumulating), overwritten(plain), strict=True):
-        ours, expected = np.asarray(ours), np.asarray(reference).copy()
-        if reference.path.endswith("outputs_grad_amax_history"):
-            # The newest entry (Keras writes it at index 0) is the short window's.
-            expected[0] *= short / K
-        np.testing.assert_allclose(ours, expected, rtol=BFLOAT16_RTOL, err_msg=reference.path)
-    assert_values(optimized(accumulating), optimized(plain), FLOAT8_RTOL)
+
+    def expected(variable, value):
+        if variable.path.endswith("outputs_grad_amax_history"):
+            value[0] *= short / K  # Keras writes the newest entry at index 0.
+        return value
+
+    assert_close(accumulating, values(plain.weights), FLOAT8_RTOL, expected)
 
 
 def test_a_mid_window_save_resumes_float8_training_exactly(tmp_path):
     x, y = data(2 * K)
-    uninterrupted, _ = float8_twins()
-    interrupted, _ = float8_twins()
+    uninterrupted = compiled(accumulating_stack())
+    interrupted = compiled(accumulating_stack())
     uninterrupted.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
     for step in range(K + 2):
         batch = slice(step * MICRO, (step + 1) * MICRO)
@@ -154,44 +181,19 @@ def test_a_mid_window_save_resumes_float8_training_exactly(tmp_path):
     path = tmp_path / "float8_mid_window.keras"
     interrupted.save(path)
 
+    # A loaded float8 layer lists its scales before its kernel.
     resumed = keras.models.load_model(path)
     assert resumed.pending_micro_steps == 2
+    rest = slice((K + 2) * MICRO, None)
     with pytest.warns(UserWarning, match="pending in an open window"):
-        resumed.fit(
-            x[(K + 2) * MICRO :], y[(K + 2) * MICRO :], batch_size=MICRO, shuffle=False, verbose=0
-        )
-    # A loaded float8 layer lists its scales before its kernel: match by path.
-    by_path = {v.path: v for v in resumed.weights}
-    assert_values([by_path[v.path] for v in uninterrupted.weights], uninterrupted.weights, RTOL)
-
-
-def test_half_precision_accumulators_keep_float8_values_in_their_own_dtype():
-    accumulating = dense_stack(
-        accum_keras.Model, accumulation_steps=K, accumulator_dtype="bfloat16"
-    )
-    plain = dense_stack()
-    plain.set_weights(accumulating.get_weights())
-    initial = plain.get_weights()
-    for model in (accumulating, plain):
-        model.compile(keras.optimizers.SGD(0.1), loss="mse")
-    x, y = data(K)
-    accumulating.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
-    plain.fit(x, y, batch_size=K * MICRO, shuffle=False, verbose=0)
-    state = accumulating._accumulation_state
-    for accumulator, variable in zip(state.gradients, state.accumulated_variables):
-        flagged = getattr(variable, "overwrite_with_gradient", False)
-        assert keras.backend.standardize_dtype(accumulator.dtype) == (
-            "float32" if flagged else "bfloat16"
-        ), variable.path
-    for ours, reference in zip(overwritten(accumulating), overwritten(plain), strict=True):
-        np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference), err_msg=ours.path)
-    del initial
+        resumed.fit(x[rest], y[rest], batch_size=MICRO, shuffle=False, verbose=0)
+    assert_close(resumed, values(uninterrupted.weights), RTOL)
 
 
 @pytest.mark.skipif(
     keras.backend.backend() == "jax", reason="a stateful user-written step (TensorFlow, PyTorch)"
 )
-def test_a_user_written_step_keeps_float8_values_unsummed():
+def test_a_user_written_step_keeps_float8_values_unsummed(big_batch):
     # The user's step differentiates each micro-batch's own mean loss, so its
     # output gradients are K times the big batch's per-sample ones (their
     # amax too); every scale and the forward histories are the big batch's.
@@ -199,25 +201,29 @@ def test_a_user_written_step_keeps_float8_values_unsummed():
         def train_step(self, data):
             return train_step_applying_its_gradients(self, data)
 
-    accumulating, plain = float8_twins(model_class=UserStep)
+    model = compiled(accumulating_stack(UserStep))
     x, y = data(K)
-    accumulating.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
-    plain.fit(x, y, batch_size=K * MICRO, shuffle=False, verbose=0)
-    assert int(accumulating.optimizer.iterations.numpy()) == 1
-    for ours, reference in zip(overwritten(accumulating), overwritten(plain), strict=True):
-        expected = np.asarray(reference).copy()
-        if reference.path.endswith("outputs_grad_amax_history"):
-            expected[0] *= K
-        np.testing.assert_allclose(np.asarray(ours), expected, rtol=RTOL, err_msg=reference.path)
-    assert_values(optimized(accumulating), optimized(plain), FLOAT8_RTOL)
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1
+
+    def expected(variable, value):
+        if variable.path.endswith("outputs_grad_amax_history"):
+            value[0] *= K
+        return value
+
+    _, trained = big_batch
+    for variable in model.weights:
+        wanted = expected(variable, trained[variable.path].copy())
+        rtol = RTOL if is_overwritten(variable) else FLOAT8_RTOL
+        np.testing.assert_allclose(np.asarray(variable), wanted, rtol=rtol, err_msg=variable.path)
 
 
 def lora_stack(model_class=keras.Model, **kwargs) -> keras.Model:
     """The int8 + LoRA fine-tuning recipe: quantize, then train only rank-2 factors."""
     keras.utils.set_random_seed(1)
     inputs = keras.Input((FEATURES,))
-    hidden = keras.layers.Dense(16, activation="relu")(inputs)
-    model = model_class(inputs, keras.layers.Dense(OUTPUTS)(hidden), **kwargs)
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(inputs)
+    model = model_class(inputs, keras.layers.Dense(OUTPUTS, name="last")(hidden), **kwargs)
     model.quantize("int8")
     for layer in model.layers:
         if isinstance(layer, keras.layers.Dense):
@@ -231,16 +237,15 @@ def lora_stack(model_class=keras.Model, **kwargs) -> keras.Model:
 
 
 def test_int8_lora_fine_tuning_is_the_big_batchs_and_accumulates_only_the_factors():
-    accumulating = lora_stack(accum_keras.Model, accumulation_steps=K)
-    plain = lora_stack()
-    plain.set_weights(accumulating.get_weights())
-    for model in (accumulating, plain):
-        model.compile(keras.optimizers.Adam(1e-2), loss="mse")
+    accumulating = compiled(
+        lora_stack(accum_keras.Model, accumulation_steps=K), keras.optimizers.Adam(1e-2)
+    )
+    plain = compiled(lora_stack(), keras.optimizers.Adam(1e-2))
     x, y = data(2 * K)
     accumulating.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False, verbose=0)
     plain.fit(x, y, batch_size=K * MICRO, epochs=2, shuffle=False, verbose=0)
     assert int(accumulating.optimizer.iterations.numpy()) == 4
-    assert_values(accumulating.weights, plain.weights, RTOL)
+    assert_close(accumulating, values(plain.weights), RTOL)
     accumulated = accumulating._accumulation_state.accumulated_variables
     assert [v.path for v in accumulated] == [v.path for v in accumulating.trainable_variables]
     assert all("lora_kernel" in v.path or v.path.endswith("bias") for v in accumulated)

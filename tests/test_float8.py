@@ -123,6 +123,21 @@ def test_a_window_gives_float8_scales_and_histories_the_big_batchs_values(big_ba
     assert_one_window_of_the_big_batch(model, big_batch)
 
 
+def test_a_loss_scale_optimizer_leaves_float8_values_unscaled():
+    # Both models scale the loss (so the output-gradient amax holds the loss
+    # scale in both); the values handed to the optimizer are not unscaled.
+    def optimizer():
+        return keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+
+    model = compiled(accumulating_stack(), optimizer())
+    plain = compiled(dense_stack(), optimizer())
+    initial = values(plain.weights)
+    x, y = data(K)
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    plain.fit(x, y, batch_size=K * MICRO, shuffle=False, verbose=0)
+    assert_one_window_of_the_big_batch(model, (initial, values(plain.weights)))
+
+
 def test_half_precision_accumulators_keep_float8_values_in_their_own_dtype(big_batch):
     model = compiled(accumulating_stack(accumulator_dtype="bfloat16"))
     x, y = data(K)

@@ -39,7 +39,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from accum_keras import _apply
+from accum_keras import _apply, _overwrite
 
 # Modules whose ``train_step`` is Keras' own (or ours): not a user-written step.
 _KERAS_MODULES = ("keras.", "accum_keras.")
@@ -234,6 +234,11 @@ class _Interception:
                     "accum_keras cannot accumulate that."
                 )
             accumulator = state.gradients[position]
+            if _overwrite.is_overwritten(variable):
+                # A value, not a gradient: the window maximum (`accum_keras._overwrite`).
+                accumulator.assign(_overwrite.window_maximum(accumulator.value, gradient, is_first))
+                pairs.append((position, variable))
+                continue
             contribution = ops.cast(ops.convert_to_tensor(gradient), "float32") * weight
             # `ops.add` sums a half-precision accumulator in float32; the
             # assignment rounds it once.
@@ -406,7 +411,10 @@ def apply_window(model) -> None:
         loss_scale = _loss_scale(optimizer)
         scale = total if loss_scale is None else ops.divide(total, loss_scale)
         gradients = [
-            ops.cast(ops.divide(ops.cast(state.gradients[i].value, "float32"), scale), v.dtype)
+            # A window maximum is handed over as it is (`accum_keras._overwrite`).
+            state.gradients[i].value
+            if _overwrite.is_overwritten(v)
+            else ops.cast(ops.divide(ops.cast(state.gradients[i].value, "float32"), scale), v.dtype)
             for i, v in pairs
         ]
         updates.append((optimizer, gradients, [v for _, v in pairs]))

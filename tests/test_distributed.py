@@ -34,6 +34,20 @@ def test_mirrored_strategy_matches_the_global_big_batch(mirrored_results, case):
     assert result["difference"] <= RTOL
 
 
+def test_mirrored_float8_values_are_each_replicas_window_maximum(mirrored_results):
+    # Each replica keeps the window maximum of its own shares of the
+    # micro-batches, never a sum; the variable keeps the first replica's, as
+    # plain Keras under the strategy keeps the first replica's share of its
+    # batch (docs/distributed.md). Weights: kernels to round-off, biases to
+    # the bfloat16 rounding of their gradient that Keras' float8 Dense makes
+    # (tests/test_float8.py).
+    result = mirrored_results["float8_one_window"]
+    assert result["updates"] == result["reference_updates"] == 1
+    assert result["kernel_values_difference"] == 0
+    assert result["inputs_amax"] == result["first_replica_inputs_amax"]
+    assert result["optimized_difference"] <= 2**-6
+
+
 def test_the_logged_effective_batch_size_is_global(mirrored_results):
     # 60 samples in windows of 32 and 28 (global micro-batch 8 = 2 x 4).
     assert mirrored_results["adam"]["effective_batch_size"] == [30.0, 30.0]

@@ -47,7 +47,7 @@ from keras import tree
 from keras.optimizers.schedules import LearningRateSchedule
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _keras_internals, _loss_terms, _state, _window
+from accum_keras import _apply, _keras_internals, _loss_terms, _overwrite, _state, _window
 
 _SCALAR_NAMES = tuple(name for name, _ in _state._SCALARS)
 
@@ -364,8 +364,14 @@ def train_step(model, state, data, may_apply: bool = True):
     window = dict(window)
     window["layer_statistics"] = layer_statistics
     window["gradients"] = [
-        _add(accumulated, gradient, loss_scale)
-        for accumulated, gradient in zip(window["gradients"], gradients)
+        # A variable Keras overwrites with its gradient keeps the window
+        # maximum (`accum_keras._overwrite`).
+        _overwrite.window_maximum(accumulated, gradient, is_first)
+        if _overwrite.is_overwritten(variable)
+        else _add(accumulated, gradient, loss_scale)
+        for accumulated, gradient, variable in zip(
+            window["gradients"], gradients, window_state.accumulated_variables
+        )
     ]
     window["window_divisor"] = window["window_divisor"] + divisor
     window["reference_divisor"] = reference.astype(window["reference_divisor"].dtype)
@@ -529,6 +535,10 @@ def apply_window_values(
             half_scale = scale * _loss_scale(model.optimizer)
             gradients = []
             for accumulator, variable in zip(state.gradients, state.accumulated_variables):
+                if _overwrite.is_overwritten(variable):
+                    # A window maximum is handed over as it is (`accum_keras._overwrite`).
+                    gradients.append(accumulator.value)
+                    continue
                 wide = _summing_dtype(accumulator.value)
                 factor = scale if wide == accumulator.value.dtype else half_scale
                 gradients.append((accumulator.value.astype(wide) * factor).astype(variable.dtype))

@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _keras_internals, _sparse, _window
+from accum_keras import _apply, _keras_internals, _overwrite, _sparse, _window
 from accum_keras._backends import _stateful
 
 #: The step assigns variables: a user-written ``train_step``'s optimizer
@@ -123,7 +123,7 @@ def accumulate_micro_batch(model, data):
     gradients = tape.gradient(objective, variables)
     model._accumulation_has_gradient = [g is not None for g in gradients]
     _sparse.record_sparse_gradients(model, variables, gradients)
-    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
+    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first, variables)
 
     # The counters wait for the data (see `after_data`: unknown-length datasets).
     with after_data(x):
@@ -285,15 +285,19 @@ def _loss_scale(optimizer):
     return None
 
 
-def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first) -> None:
+def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first, variables) -> None:
     """Adds a micro-batch's gradients to the accumulators.
 
     The first micro-batch of a window overwrites them instead, so applying a
     window needs no zeroing pass: zeroing every accumulator at once would
     materialize a full-size zero tensor per accumulator, one more copy of the
-    weights at peak memory.
+    weights at peak memory. Variables Keras overwrites with their gradient
+    keep the window maximum instead (`accum_keras._overwrite`).
     """
-    pairs = [(a, g) for a, g in zip(accumulators, gradients) if g is not None]
+    pairs, maxima = [], []
+    for a, g, v in zip(accumulators, gradients, variables):
+        if g is not None:
+            (maxima if _overwrite.is_overwritten(v) else pairs).append((a, g))
 
     def unscaled(values, dtype="float32"):
         values = tf.cast(values, _summing_dtype(dtype))
@@ -327,6 +331,11 @@ def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first) ->
                     tf.convert_to_tensor(gradient)
                 )
                 accumulator.assign(tf.cast(total, dtype))
+        for accumulator, value in maxima:
+            # Neither unscaled nor summed: a value, not a gradient.
+            accumulator.assign(
+                _overwrite.window_maximum(accumulator.value, value, tf.constant(overwrite))
+            )
         return tf.constant(True)
 
     tf.cond(is_first, lambda: write(overwrite=True), lambda: write(overwrite=False))
@@ -394,8 +403,15 @@ def apply_window(model) -> None:
         # The optimizer unscales what it is given, as for a plain step.
         scale = scale * loss_scale
     gradients = [
-        # Scaled in float32 (half-precision accumulators too), cast once.
-        _scaled(accumulator.value, scale, variable.dtype) if present else None
+        # Scaled in float32 (half-precision accumulators too), cast once; a
+        # window maximum is handed over as it is (`accum_keras._overwrite`).
+        (
+            None
+            if not present
+            else accumulator.value
+            if _overwrite.is_overwritten(variable)
+            else _scaled(accumulator.value, scale, variable.dtype)
+        )
         for accumulator, variable, present in zip(
             state.gradients, state.accumulated_variables, has_gradient
         )

@@ -37,7 +37,7 @@ import torch
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _state, _window
+from accum_keras import _apply, _overwrite, _state, _window
 from accum_keras._backends import _stateful
 
 #: The step assigns variables: a user-written ``train_step``'s optimizer
@@ -115,12 +115,20 @@ def _accumulate(model, objective) -> None:
     accumulators = [a.value for a in state.gradients]
     key = tuple(id(v) for v in state.accumulated_variables)
     known = getattr(state, "torch_has_gradient", None)
+    # A variable Keras overwrites with its gradient keeps the window maximum
+    # (`accum_keras._overwrite`): autograd must not add into it.
+    maxima = [_overwrite.is_overwritten(v) for v in state.accumulated_variables]
+    is_first = state.micro_step.value == 0  # a device tensor, no sync
     if not _can_alias(parameters, accumulators):
         gradients = torch.autograd.grad(objective, parameters, allow_unused=True)
         loss_scale = _loss_scale(model.optimizer)
         with torch.no_grad():
-            for accumulator, gradient in zip(accumulators, gradients):
-                if gradient is not None:
+            for accumulator, gradient, maximum in zip(accumulators, gradients, maxima):
+                if gradient is None:
+                    continue
+                if maximum:
+                    accumulator.copy_(_overwrite.window_maximum(accumulator, gradient, is_first))
+                else:
                     _add_(accumulator, gradient, loss_scale)
         state.torch_has_gradient = (key, [g is not None for g in gradients])
         return
@@ -135,10 +143,16 @@ def _accumulate(model, objective) -> None:
                     lambda _, index=index: received.__setitem__(index, True)
                 )
             )
-    for parameter, accumulator in zip(parameters, accumulators):
-        parameter.grad = accumulator
+    for parameter, accumulator, maximum in zip(parameters, accumulators, maxima):
+        parameter.grad = None if maximum else accumulator
     try:
         objective.backward()
+        with torch.no_grad():
+            for parameter, accumulator, maximum in zip(parameters, accumulators, maxima):
+                if maximum and parameter.grad is not None:
+                    accumulator.copy_(
+                        _overwrite.window_maximum(accumulator, parameter.grad, is_first)
+                    )
     finally:
         for parameter in parameters:
             parameter.grad = None
@@ -201,7 +215,10 @@ def apply_window(model) -> None:
                 gradients.append(None)
                 continue
             accumulated = accumulator.value
-            if _summing_dtype(accumulated) == accumulated.dtype:
+            if _overwrite.is_overwritten(variable):
+                # A window maximum is handed over as it is (`accum_keras._overwrite`).
+                gradient = accumulated
+            elif _summing_dtype(accumulated) == accumulated.dtype:
                 gradient = accumulated.mul_(scale)
             else:
                 # Scaled in float32 and cast once (a half-precision product

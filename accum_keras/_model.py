@@ -57,7 +57,8 @@ def _backend_module():
 class AccumulatingModel:
     """Mixin for `keras.Model`: one optimizer update per `accumulation_steps` micro-batches.
 
-    Put it before the Keras model class in the bases. ``fit()`` then trains on
+    Put it before the Keras model class in the bases (the other order is
+    refused with a `TypeError` when the class is defined). ``fit()`` then trains on
     micro-batches (the ``batch_size`` you pass, or your dataset's batches) and
     applies one optimizer update per window of ``accumulation_steps``
     micro-batches, with the update the big batch of the whole window would
@@ -92,7 +93,11 @@ class AccumulatingModel:
             scaled in float32 and cast once. Measured errors and memory:
             docs/performance.md, "Accumulator dtype". Fixed at construction.
         *args, **kwargs: passed to the Keras model class (the options above,
-            declared once in `accum_keras._options`, are taken out first).
+            declared once in `accum_keras._options`, are taken out first). A
+            keyword argument that no constructor after the mixin names (nor
+            ``keras.Layer``, nor the functional constructor) raises a
+            `TypeError` naming the closest option: Keras' functional
+            constructor would ignore it.
 
     Example:
 

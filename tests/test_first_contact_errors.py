@@ -51,8 +51,8 @@ def _branching_class(base):
     return Branching
 
 
-# Each builds a compiled model of `cls` (keras.Model or accum_keras.Model
-# family) with `options`, and returns what to fit it on.
+# Each builds a compiled model, plain Keras (`plain`) or accumulating with
+# `options`, and returns the targets to fit it on.
 def _loss_key_naming_no_output(plain, options):
     model = _dict_output_model(keras.Model if plain else accum_keras.Model, **options)
     model.compile("sgd", loss={"wrong": "mse"})

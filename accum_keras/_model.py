@@ -32,20 +32,33 @@ from accum_keras._state import AccumulationState
 _SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
+_BACKEND_MODULES: dict = {}
+
+
 def _backend_module():
+    """The `accum_keras._backends` module of Keras' backend.
+
+    Imported once, then looked up: the step calls this while TensorFlow traces
+    it, and an import there (``importlib``'s machinery) is code AutoGraph
+    cannot convert, which it logs as a warning.
+    """
     name = keras.backend.backend()
-    if name not in _SUPPORTED_BACKENDS:
-        raise NotImplementedError(
-            f"accum_keras does not support the Keras backend {name!r} yet. "
-            f"Supported backends: {', '.join(_SUPPORTED_BACKENDS)}."
-        )
-    return importlib.import_module(f"accum_keras._backends.{name}")
+    module = _BACKEND_MODULES.get(name)
+    if module is None:
+        if name not in _SUPPORTED_BACKENDS:
+            raise NotImplementedError(
+                f"accum_keras does not support the Keras backend {name!r} yet. "
+                f"Supported backends: {', '.join(_SUPPORTED_BACKENDS)}."
+            )
+        module = _BACKEND_MODULES[name] = importlib.import_module(f"accum_keras._backends.{name}")
+    return module
 
 
 class AccumulatingModel:
     """Mixin for `keras.Model`: one optimizer update per `accumulation_steps` micro-batches.
 
-    Put it before the Keras model class in the bases. ``fit()`` then trains on
+    Put it before the Keras model class in the bases (the other order is
+    refused with a `TypeError` when the class is defined). ``fit()`` then trains on
     micro-batches (the ``batch_size`` you pass, or your dataset's batches) and
     applies one optimizer update per window of ``accumulation_steps``
     micro-batches, with the update the big batch of the whole window would
@@ -81,7 +94,11 @@ class AccumulatingModel:
             scaled in float32 and cast once. Measured errors and memory:
             docs/performance.md, "Accumulator dtype". Fixed at construction.
         *args, **kwargs: passed to the Keras model class (the options above,
-            declared once in `accum_keras._options`, are taken out first).
+            declared once in `accum_keras._options`, are taken out first). A
+            keyword argument that no constructor after the mixin names (nor
+            ``keras.Layer``, nor the functional constructor) raises a
+            `TypeError` naming the closest option: Keras' functional
+            constructor would ignore it.
 
     Example:
 
@@ -100,9 +117,18 @@ class AccumulatingModel:
     ```
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _check_mixin_order(cls)
+
     def __init__(self, *args, **kwargs):
         # The options' defaults and checks are declared once, in `_options`.
         options, kwargs = _options.split(kwargs)
+        # Keras' functional constructor ignores keyword arguments it does not
+        # know: a misspelt option would silently train at k = 1.
+        _options.refuse_unknown(
+            kwargs, where=f"{type(self).__name__}()", allowed=_keras_keywords(type(self))
+        )
         super().__init__(*args, **kwargs)
         self._accumulation_steps = options["accumulation_steps"]
         self._skip_nonfinite_updates = options["skip_nonfinite_updates"]
@@ -491,6 +517,59 @@ class AccumulatingModel:
     def _get_state_sharding_spec(self):
         shardings = super()._get_state_sharding_spec()
         return _backend_module().add_window_shardings(self, shardings)
+
+
+def _check_mixin_order(cls) -> None:
+    """Refuses a class whose bases put a Keras model before the mixin.
+
+    There Keras' constructor runs first and refuses (or, for a functional
+    model, ignores) the options, and the model's own methods hide the mixin's.
+    """
+    mro = cls.__mro__
+    if keras.Model not in mro or mro.index(AccumulatingModel) < mro.index(keras.Model):
+        return
+    bases = [base for base in cls.__bases__ if base is not AccumulatingModel]
+    names = ", ".join(
+        f"keras.{base.__name__}" if base.__module__.startswith("keras.") else base.__name__
+        for base in bases
+    )
+    raise TypeError(
+        f"{cls.__name__} puts accum_keras.AccumulatingModel after a Keras model in its "
+        "bases; the mixin must come first, so that it receives the options and its fit() "
+        f"and train_step() run. Write:\n\n    class {cls.__name__}(accum_keras."
+        f"AccumulatingModel, {names}):\n\nReceived: bases "
+        f"{tuple(base.__name__ for base in cls.__bases__)}."
+    )
+
+
+def _keras_keywords(cls) -> set[str]:
+    """The keyword arguments the constructors after the mixin may take.
+
+    The named parameters of every ``__init__`` that follows
+    `AccumulatingModel` in ``cls``'s MRO (a KerasHub task's ``backbone``,
+    Keras' ``name``, ``trainable``, ``dtype``), those of the functional
+    constructor (Keras makes a functional subclass of ``cls`` when it is
+    given ``inputs`` and ``outputs``) and the two that ``keras.Layer`` reads
+    from its ``**kwargs``.
+    """
+    after_mixin = cls.__mro__[cls.__mro__.index(AccumulatingModel) + 1 :]
+    classes = after_mixin + (_keras_internals.functional_class(),)
+    names = {"input_dim", "input_shape"}
+    for klass in classes:
+        init = vars(klass).get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names.update(
+            p.name
+            for p in parameters
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        )
+    names.discard("self")
+    return names
 
 
 def model_options(model: AccumulatingModel) -> dict:

@@ -46,6 +46,7 @@ SUITE = [
     "tests/test_composition_config.py",
     "tests/test_accumulator_dtype.py",
     "tests/test_float8.py",
+    "tests/test_first_contact_errors.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

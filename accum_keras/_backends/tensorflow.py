@@ -213,12 +213,16 @@ class TrainFunction:
             and not _apply.is_loss_scale_optimizer(model.optimizer)
         )
         if separate:
-            # Each traced once, shared by both programs.
+            # Each traced once, shared by both programs. Without AutoGraph,
+            # as Keras traces its own steps (`do_not_convert`): the step runs
+            # the user's `call()` and losses as plain Keras does, so their
+            # errors keep their types (AutoGraph wraps them in `StagingError`),
+            # and nothing in them is converted that Keras leaves as it is.
             jit_compile = bool(model.jit_compile)
             accumulate_step = tf.function(
-                accumulate_step, jit_compile=jit_compile, reduce_retracing=True
+                accumulate_step, jit_compile=jit_compile, reduce_retracing=True, autograph=False
             )
-            update_step = tf.function(update_step, jit_compile=jit_compile)
+            update_step = tf.function(update_step, jit_compile=jit_compile, autograph=False)
 
         def accumulate_then_update_when_full(data):
             logs = accumulate_step(data)
@@ -488,6 +492,7 @@ def executing_eagerly() -> bool:
 
 def clear_accumulators(model) -> None:
     """Nothing to clear: a window's first micro-batch overwrites the accumulators."""
+    del model  # A body of its own: AutoGraph cannot convert a docstring-only function.
 
 
 def make_train_function(model) -> TrainFunction:

@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _keras_internals, _sparse, _window
+from accum_keras import _apply, _keras_internals, _sparse, _split, _window
 from accum_keras._backends import _stateful
 
 #: The step assigns variables: a user-written ``train_step``'s optimizer
@@ -139,6 +139,126 @@ def accumulate_micro_batch(model, data):
         # fails for scalars (plain Keras models crash there too).
         logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
     return logs
+
+
+def split_train_step(model, data):
+    """The in-step mode: the whole batch's step, run as micro-batches in a loop.
+
+    Splits the batch (`accum_keras._split`), accumulates each full
+    micro-batch in a `tf.while_loop` (one traced body, whatever the number of
+    micro-batches; it compiles under XLA), then the remainder micro-batch,
+    and applies the step's window through `apply_window`. Under a
+    distribution strategy each replica splits its own batch. The loss
+    tracker is updated once, with the batch's loss and size, as Keras' step
+    does; the compiled metrics are updated per micro-batch (each is a sum
+    over samples, so the step adds what the whole batch adds).
+
+    Returns:
+        The step's logs, as Keras' ``train_step`` returns them.
+    """
+    model._prepare_accumulation_while_tracing(data)
+    state = model._accumulation_state
+    size = model.micro_batch_size
+    x, _, _ = unpack_x_y_sample_weight(data)
+    first = next(leaf for leaf in tree.flatten(x) if leaf is not None)
+    # A static batch size (XLA, fixed-size datasets) decides the split while
+    # tracing; a `None` one (graphs without XLA) at run time.
+    batch = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+    full, remainder = _split.counts(batch, size)
+    has_remainder = remainder > 0
+    count = (
+        full + tf.cast(has_remainder, full.dtype) if tf.is_tensor(full) else full + (remainder > 0)
+    )
+
+    def run(micro, index):
+        return _accumulate_split_micro_batch(model, micro, index, count)
+
+    def body(index, objective_sum, divisor_sum):
+        objective, divisor = run(_split.full_micro_batch(data, index, full, size), index)
+        return index + 1, objective_sum + objective, divisor_sum + divisor
+
+    zero = tf.constant(0.0)
+    _, objective_sum, divisor_sum = tf.while_loop(
+        lambda index, *_: index < full,
+        body,
+        (tf.constant(0, tf.int32) if not tf.is_tensor(full) else tf.zeros_like(full), zero, zero),
+        # The body writes the accumulators: one micro-batch at a time.
+        parallel_iterations=1,
+    )
+    if tf.is_tensor(has_remainder):
+        rest = tf.cond(
+            has_remainder,
+            lambda: run(_split.remainder_micro_batch(data, full, size), full),
+            lambda: (zero, zero),
+        )
+    elif has_remainder:
+        rest = run(_split.remainder_micro_batch(data, full, size), full)
+    else:
+        rest = (zero, zero)
+    loss = _window.split_step_loss(
+        objective_sum + rest[0], state.reference_divisor.value, divisor_sum + rest[1]
+    )
+    _keras_internals.loss_tracker(model).update_state(loss, sample_weight=num_samples(x))
+    apply_window(model)
+    logs = model.get_metrics_result()
+    if _keras_internals.in_multi_worker_mode(model.distribute_strategy):
+        logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
+    return logs
+
+
+def _accumulate_split_micro_batch(model, data, index, count):
+    """Adds one micro-batch of a split step to the step's window.
+
+    Args:
+        model: the `AccumulatingModel`.
+        data: the micro-batch.
+        index: its place in the step (0 opens the window).
+        count: the number of micro-batches in the step (``k`` of
+            `_window.micro_batch_weights`: a step of equal micro-batches
+            then gives each backward pass the whole batch's scale).
+
+    Returns:
+        ``(objective, local_divisor)`` as float32 scalars, for the step's loss.
+    """
+    state = model._accumulation_state
+    optimizer = model.optimizer
+    replicas = _num_replicas(model)
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    samples = num_samples(x)
+    is_first = tf.equal(index, 0)
+    with tf.GradientTape() as tape:
+        y_pred, weights = _stateful.forward(
+            model,
+            x,
+            y,
+            sample_weight,
+            samples,
+            is_first,
+            accumulation_steps=count,
+            sum_over_replicas=_sum_over_replicas,
+            num_replicas=replicas,
+            track_loss=False,
+        )
+        loss_scale = _loss_scale(optimizer)
+        objective = weights.objective
+        if loss_scale is not None:
+            objective = objective * tf.cast(loss_scale, objective.dtype)
+    variables = state.accumulated_variables
+    gradients = tape.gradient(objective, variables)
+    model._accumulation_has_gradient = [g is not None for g in gradients]
+    _sparse.record_sparse_gradients(model, variables, gradients)
+    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
+    global_samples = _sum_over_replicas(samples)
+    state.window_divisor.assign_add(weights.divisor)
+    state.reference_divisor.assign(weights.reference_divisor)
+    state.window_samples.assign_add(global_samples)
+    state.add_samples_seen(global_samples)
+    state.micro_step.assign_add(1)
+    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    return (
+        tf.cast(weights.objective, tf.float32),
+        tf.cast(weights.local_divisor, tf.float32),
+    )
 
 
 @contextlib.contextmanager

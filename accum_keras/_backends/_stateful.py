@@ -23,6 +23,8 @@ def forward(
     sum_over_replicas: Callable[[Any], Any] = lambda value: value,
     num_replicas: int = 1,
     track_loss: bool = True,
+    window_divisor: Any = None,
+    reference_divisor: Any = None,
 ):
     """Runs the model and its loss on one micro-batch and weighs it into the window.
 
@@ -40,6 +42,9 @@ def forward(
         track_loss: whether to update the loss tracker with this
             micro-batch's loss (False in the in-step mode, which logs the
             whole batch's loss once per step).
+        window_divisor, reference_divisor: the window's values so far, when
+            they are not the window state's (the in-step mode carries them
+            in its loop).
 
     Returns:
         ``(y_pred, weights)``: the predictions and the `_window.MicroBatchWeights`.
@@ -56,8 +61,8 @@ def forward(
         loss,
         terms,
         samples,
-        state.window_divisor.value,
-        state.reference_divisor.value,
+        state.window_divisor.value if window_divisor is None else window_divisor,
+        state.reference_divisor.value if reference_divisor is None else reference_divisor,
         is_first,
         accumulation_steps=accumulation_steps,
         sum_over_replicas=sum_over_replicas,

@@ -274,11 +274,11 @@ def test_the_two_modes_together_are_refused_with_the_reason():
         accum_keras.accumulate(keras.Model(*small_regression_layers()()), 2, micro_batch_size=4)
 
 
-@pytest.mark.skipif(keras.backend.backend() == "jax", reason="JAX steps are stateless functions")
 def test_a_user_written_train_step_is_refused_at_fit_start():
     class OwnStep(accum_keras.Model):
-        def train_step(self, data):
-            return super().train_step(data)
+        def train_step(self, *args):
+            # ``(data)``, or ``(state, data)`` on JAX.
+            return super().train_step(*args)
 
     model = OwnStep(*small_regression_layers()(), micro_batch_size=4)
     model.compile(optimizer="sgd", loss="mse")

@@ -107,10 +107,12 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
 
     Takes the same arguments and has the same weights as BatchNormalization
     (weights can be copied both ways). Inside an `AccumulatingModel` with
-    ``accumulation_steps > 1`` the moving mean and variance are updated once
-    per window with the pooled statistics of all the window's samples, which
-    is what BatchNormalization on the big batch stores. Elsewhere (plain
-    models, ``accumulation_steps == 1``, inference) it is BatchNormalization.
+    ``accumulation_steps > 1`` or ``micro_batch_size`` the moving mean and
+    variance are updated once per window (in-step: once per train step) with
+    the pooled statistics of all its micro-batches' samples, which is what
+    BatchNormalization on the big batch stores. Elsewhere (plain models,
+    ``accumulation_steps == 1`` without ``micro_batch_size``, inference) it
+    is BatchNormalization.
     Batch renormalization (``renorm=True``) is not supported.
 
     Example:

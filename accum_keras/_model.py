@@ -24,6 +24,8 @@ from accum_keras import _custom_step, _keras_internals, _lifecycle, _loss_terms,
 from accum_keras._config import (
     check_accumulation_steps,
     check_accumulator_dtype,
+    check_micro_batch_size,
+    check_modes_compose,
     check_optimizer_does_not_accumulate,
     check_skip_nonfinite_updates,
 )
@@ -93,6 +95,15 @@ class AccumulatingModel:
             formed in float32 and rounded once per micro-batch; the window is
             scaled in float32 and cast once. Measured errors and memory:
             docs/performance.md, "Accumulator dtype". Fixed at construction.
+        micro_batch_size: None (the default) or an int >= 1: the in-step
+            mode. ``fit()`` is given the big batches themselves; each train
+            step splits its batch into micro-batches of at most this many
+            samples (taken by stride, see `accum_keras._split`), accumulates
+            their gradients in a loop inside the one compiled step and
+            applies one update: plain Keras' step on the whole batch, on the
+            memory of a micro-batch's activations. Not combinable with
+            ``accumulation_steps > 1``; a model with its own ``train_step``
+            is refused. Can be reassigned between ``fit()`` calls.
         *args, **kwargs: passed to the Keras model class (the options above,
             declared once in `accum_keras._options`, are taken out first). A
             keyword argument that no constructor after the mixin names (nor
@@ -131,6 +142,7 @@ class AccumulatingModel:
         )
         super().__init__(*args, **kwargs)
         self._accumulation_steps = options["accumulation_steps"]
+        self._micro_batch_size = options["micro_batch_size"]
         self._skip_nonfinite_updates = options["skip_nonfinite_updates"]
         self._accumulation_state = AccumulationState(
             owner=self, accumulator_dtype=options["accumulator_dtype"]
@@ -153,6 +165,7 @@ class AccumulatingModel:
     @accumulation_steps.setter
     def accumulation_steps(self, value: int) -> None:
         value = check_accumulation_steps(value)
+        check_modes_compose(value, self._micro_batch_size)
         previous = self._accumulation_steps
         if value == previous:
             return
@@ -163,6 +176,30 @@ class AccumulatingModel:
             # programs; `fit()` looks the function up before every step, so
             # replacing it here takes effect at the next step.
             self.make_train_function(force=True)
+
+    @property
+    def micro_batch_size(self) -> int | None:
+        """The in-step mode's micro-batch size, or None (see the class docstring)."""
+        return self._micro_batch_size
+
+    @micro_batch_size.setter
+    def micro_batch_size(self, value: int | None) -> None:
+        value = check_micro_batch_size(value)
+        check_modes_compose(self._accumulation_steps, value)
+        if value == self._micro_batch_size:
+            return
+        self._micro_batch_size = value
+        if self.train_function is not None:
+            # The split is traced into the step: the next step uses a new one.
+            self.make_train_function(force=True)
+
+    def _splits_steps(self) -> bool:
+        """Whether train steps split their batch (the in-step mode)."""
+        return self._micro_batch_size is not None
+
+    def _accumulates(self) -> bool:
+        """Whether train steps accumulate gradients (either mode)."""
+        return self._accumulation_steps > 1 or self._splits_steps()
 
     @property
     def skip_nonfinite_updates(self) -> bool:
@@ -340,6 +377,10 @@ class AccumulatingModel:
         if self.train_function is not None and not force and not self._trainable_set_changed():
             return self.train_function
         self._prepare_accumulation()
+        if self._splits_steps():
+            _refuse_user_step_when_splitting(self)
+            # Keras' own train function around the splitting `train_step`.
+            return super().make_train_function(force=force)
         _custom_step.install(self, _backend_module())
         make = getattr(_backend_module(), "make_train_function", None)
         if (
@@ -362,6 +403,8 @@ class AccumulatingModel:
         backend = _backend_module()
         # A user-written step that calls `super().train_step()` lands here.
         with _custom_step.delegating(self):
+            if self._splits_steps():
+                return backend.split_train_step(self, *args)
             if self._accumulation_steps == 1:
                 plain_train_step = getattr(backend, "plain_train_step", None)
                 if plain_train_step is not None:
@@ -436,7 +479,7 @@ class AccumulatingModel:
 
     def _prepare_accumulation(self) -> None:
         """Builds the window state before `fit()` traces the step (eager)."""
-        self._build_accumulation_state(self.built and self._accumulation_steps > 1)
+        self._build_accumulation_state(self.built and self._accumulates())
         self._accumulation_state.accumulation_steps.assign(self._accumulation_steps)
         _backend_module().check_skip_nonfinite_supported(self)
         _loss_terms.install_recorders(_keras_internals.compile_loss(self))
@@ -455,7 +498,7 @@ class AccumulatingModel:
         # Bypasses Keras' attribute tracking: these layers are already tracked.
         object.__setattr__(self, "_accumulation_window_layers", layers)
         for layer in layers:
-            layer.defer_to_window = self._accumulation_steps > 1
+            layer.defer_to_window = self._accumulates()
 
     def _prepare_accumulation_while_tracing(self, data) -> None:
         """Finishes what `_prepare_accumulation` could not do before tracing.
@@ -570,6 +613,19 @@ def _keras_keywords(cls) -> set[str]:
         )
     names.discard("self")
     return names
+
+
+def _refuse_user_step_when_splitting(model: AccumulatingModel) -> None:
+    """Refuses a user-written ``train_step`` in the in-step mode (at fit start)."""
+    if _custom_step.user_train_step(model) is None:
+        return
+    raise NotImplementedError(
+        f"{type(model).__name__} defines its own `train_step`, which `micro_batch_size` "
+        "cannot split: the in-step mode runs the built-in step once per micro-batch "
+        "inside one compiled step. Remove `micro_batch_size` (use accumulation_steps "
+        "with micro-batches from your pipeline, which supports your own train_step) or "
+        f"the train_step override. Received: micro_batch_size={model.micro_batch_size!r}."
+    )
 
 
 def model_options(model: AccumulatingModel) -> dict:

@@ -47,6 +47,7 @@ SUITE = [
     "tests/test_accumulator_dtype.py",
     "tests/test_float8.py",
     "tests/test_first_contact_errors.py",
+    "tests/test_micro_batch_size.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 
+import numpy as np
 import pytest
 from helpers import RTOL
 from watched import Watched, run_watched, wait_watched
@@ -76,6 +77,15 @@ def test_a_mid_window_save_resumes_exactly_on_every_replica(mirrored_results):
     assert result["pending"] == 3
     assert result["updates"] == 2
     assert result["difference"] == 0.0
+
+
+def test_micro_batch_size_under_mirrored_strategy_is_plain_keras_there(mirrored_results):
+    result = mirrored_results["in_step_adam_l2"]
+    assert result["replicas"] == 2
+    assert result["updates"] == result["reference_updates"]
+    assert result["difference"] <= RTOL
+    for name, values in result["reference_history"].items():
+        np.testing.assert_allclose(result["history"][name], values, rtol=1e-5, err_msg=name)
 
 
 def _free_loopback_port() -> int:

@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _keras_internals, _overwrite, _sparse, _window
+from accum_keras import _apply, _keras_internals, _overwrite, _sparse, _split, _window
 from accum_keras._backends import _stateful
 
 #: The step assigns variables: a user-written ``train_step``'s optimizer
@@ -139,6 +139,152 @@ def accumulate_micro_batch(model, data):
         # fails for scalars (plain Keras models crash there too).
         logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
     return logs
+
+
+def split_train_step(model, data):
+    """The in-step mode: the whole batch's step, run as micro-batches in a loop.
+
+    Splits the batch (`accum_keras._split`), accumulates each full
+    micro-batch in a `tf.while_loop` (one traced body, whatever the number of
+    micro-batches; it compiles under XLA), then the remainder micro-batch,
+    and applies the step's window through `apply_window`. The loss tracker is
+    updated once, with the batch's loss and size, as Keras' step does; the
+    compiled metrics are updated per micro-batch (each is a sum over samples,
+    so the step adds what the whole batch adds).
+
+    Under a distribution strategy each replica splits its own batch, and the
+    loop stays local to the replica: a synchronization inside it (an
+    all-reduce, or a write of a mirrored variable) would need a
+    ``merge_call``, which TensorFlow does not allow inside control flow. So
+    the loop weighs each micro-batch by the replica's own divisors (its
+    ``D_ref`` is its own), carries their sum, and the one all-reduce of the
+    step (the divisors' global sum) comes after it; each replica then scales
+    its accumulators by its ``D_ref`` over the global divisor, and
+    ``optimizer.apply`` sums the replicas' gradients as in plain Keras. The
+    window's counters are written once, after the loop.
+
+    Returns:
+        The step's logs, as Keras' ``train_step`` returns them.
+    """
+    model._prepare_accumulation_while_tracing(data)
+    state = model._accumulation_state
+    size = model.micro_batch_size
+    x, _, _ = unpack_x_y_sample_weight(data)
+    first = next(leaf for leaf in tree.flatten(x) if leaf is not None)
+    # A static batch size (XLA, fixed-size datasets) decides the split while
+    # tracing; a `None` one (graphs without XLA) at run time.
+    batch = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+    full, remainder = _split.counts(batch, size)
+    if tf.is_tensor(full):
+        has_remainder = remainder > 0
+        count = full + tf.cast(has_remainder, full.dtype)
+    else:
+        has_remainder = bool(remainder)
+        count = full + int(has_remainder)
+
+    def run(micro_batch, index, sums):
+        objective, divisor, reference = _accumulate_split_micro_batch(
+            model, micro_batch, index, count, divisor_so_far=sums[1], reference=sums[2]
+        )
+        return sums[0] + objective, sums[1] + divisor, reference
+
+    def body(index, *sums):
+        micro_batch = _split.full_micro_batch(data, index, full, size)
+        return (index + 1, *run(micro_batch, index, sums))
+
+    zero = tf.constant(0.0)
+    start = tf.zeros_like(full) if tf.is_tensor(full) else tf.constant(0)
+    _, *sums = tf.while_loop(
+        lambda index, *_: index < full,
+        body,
+        (start, zero, zero, tf.constant(1.0)),
+        # The body writes the accumulators: one micro-batch at a time.
+        parallel_iterations=1,
+    )
+
+    def run_remainder():
+        return run(_split.remainder_micro_batch(data, full, size), full, sums)
+
+    if tf.is_tensor(has_remainder):
+        sums = tf.cond(has_remainder, run_remainder, lambda: tuple(sums))
+    elif has_remainder:
+        sums = run_remainder()
+    objective_sum, divisor_sum, reference = sums
+
+    window_divisor = _sum_over_replicas(divisor_sum)
+    samples = num_samples(x)
+    global_samples = _sum_over_replicas(samples)
+    state.window_divisor.assign(window_divisor)
+    state.reference_divisor.assign(reference)
+    state.window_samples.assign(global_samples)
+    state.add_samples_seen(global_samples)
+    state.micro_step.assign(tf.cast(count, tf.int32))
+    loss = _window.split_step_loss(objective_sum, reference, divisor_sum)
+    _keras_internals.loss_tracker(model).update_state(loss, sample_weight=samples)
+    apply_window(model, scale=_window.update_scale(window_divisor, reference))
+    logs = model.get_metrics_result()
+    if _keras_internals.in_multi_worker_mode(model.distribute_strategy):
+        logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
+    return logs
+
+
+def _accumulate_split_micro_batch(model, data, index, count, divisor_so_far, reference):
+    """Adds one micro-batch of a split step to the replica's accumulators.
+
+    Touches only replica-local state (the accumulators, the metrics), see
+    `split_train_step`.
+
+    Args:
+        model: the `AccumulatingModel`.
+        data: the micro-batch.
+        index: its place in the step (0 opens the window).
+        count: the number of micro-batches in the step (``k`` of
+            `_window.micro_batch_weights`: a step of equal micro-batches
+            then gives each backward pass the whole batch's scale).
+        divisor_so_far: the replica's divisors of the step's earlier
+            micro-batches.
+        reference: the step's ``D_ref`` (set by micro-batch 0).
+
+    Returns:
+        ``(objective, divisor, reference)`` as float32 scalars: the
+        micro-batch's objective and the replica's divisor (for the step's
+        loss and update scale) and the step's ``D_ref``.
+    """
+    state = model._accumulation_state
+    optimizer = model.optimizer
+    replicas = _num_replicas(model)
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    samples = num_samples(x)
+    is_first = tf.equal(index, 0)
+    with tf.GradientTape() as tape:
+        y_pred, weights = _stateful.forward(
+            model,
+            x,
+            y,
+            sample_weight,
+            samples,
+            is_first,
+            accumulation_steps=count,
+            num_replicas=replicas,
+            track_loss=False,
+            window_divisor=divisor_so_far,
+            reference_divisor=reference,
+        )
+        loss_scale = _loss_scale(optimizer)
+        objective = weights.objective
+        if loss_scale is not None:
+            objective = objective * tf.cast(loss_scale, objective.dtype)
+    variables = state.accumulated_variables
+    gradients = tape.gradient(objective, variables)
+    model._accumulation_has_gradient = [g is not None for g in gradients]
+    _sparse.record_sparse_gradients(model, variables, gradients)
+    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
+    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    return (
+        tf.cast(weights.objective, tf.float32),
+        tf.cast(weights.divisor, tf.float32),
+        tf.cast(weights.reference_divisor, tf.float32),
+    )
 
 
 @contextlib.contextmanager
@@ -388,10 +534,12 @@ def _apply_and_report(model):
     return tf.constant(True)
 
 
-def apply_window(model) -> None:
+def apply_window(model, scale=None) -> None:
     """Hands the window's gradient to the optimizer and opens a new window.
 
-    Runs in replica context. Variables that received no gradient in the
+    Runs in replica context. ``scale`` is the factor from the accumulators to
+    the window's gradient, by default the window state's (the in-step mode
+    gives each replica its own, see `split_train_step`). Variables that received no gradient in the
     traced step get `None`, exactly as plain Keras passes them, so the
     optimizer skips them. The skip, statistics and counters are
     `accum_keras._apply.apply_window`'s.
@@ -401,7 +549,8 @@ def apply_window(model) -> None:
     has_gradient = getattr(model, "_accumulation_has_gradient", None)
     if has_gradient is None or len(has_gradient) != len(state.gradients):
         has_gradient = [True] * len(state.gradients)
-    scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
+    if scale is None:
+        scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
     loss_scale = _loss_scale(optimizer)
     if loss_scale is not None:
         # The optimizer unscales what it is given, as for a plain step.

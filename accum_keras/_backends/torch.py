@@ -37,7 +37,7 @@ import torch
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _overwrite, _state, _window
+from accum_keras import _apply, _keras_internals, _overwrite, _split, _state, _window
 from accum_keras._backends import _stateful
 
 #: The step assigns variables: a user-written ``train_step``'s optimizer
@@ -106,6 +106,63 @@ def train_step(model, data):
     if micro_step + 1 >= model._accumulation_steps:
         apply_window(model)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def split_train_step(model, data):
+    """The in-step mode: the whole batch's step, run as micro-batches in a loop.
+
+    A Python loop over the micro-batches of `accum_keras._split` (the batch
+    size is known on the host), each accumulated as a streaming micro-batch
+    is (autograd adds into the accumulators), then one `apply_window`. The
+    loss tracker is updated once, with the batch's loss and size; the
+    compiled metrics per micro-batch (sums over samples).
+
+    Returns:
+        The step's logs, as Keras' ``train_step`` returns them.
+    """
+    model._prepare_accumulation_while_tracing(data)
+    state = model._accumulation_state
+    optimizer = model.optimizer
+    size = model.micro_batch_size
+    x, _, _ = unpack_x_y_sample_weight(data)
+    batch = num_samples(x)
+    full, remainder = _split.counts(batch, size)
+    micro_batches = [_split.full_micro_batch(data, index, full, size) for index in range(full)]
+    if remainder:
+        micro_batches.append(_split.remainder_micro_batch(data, full, size))
+    objective_sum = divisor_sum = 0.0
+    for index, micro_batch in enumerate(micro_batches):
+        mx, my, sample_weight = unpack_x_y_sample_weight(micro_batch)
+        samples = num_samples(mx)
+        y_pred, weights = _stateful.forward(
+            model,
+            mx,
+            my,
+            sample_weight,
+            samples,
+            torch.tensor(index == 0),
+            accumulation_steps=len(micro_batches),
+            track_loss=False,
+        )
+        _accumulate(model, optimizer.scale_loss(weights.objective))
+        with torch.no_grad():
+            state.window_divisor.value.add_(weights.divisor.detach())
+            state.reference_divisor.value.copy_(weights.reference_divisor.detach())
+            objective_sum = objective_sum + weights.objective.detach()
+            divisor_sum = divisor_sum + weights.local_divisor.detach()
+            model.compute_metrics(mx, my, y_pred, sample_weight=sample_weight)
+    with torch.no_grad():
+        state.window_samples.value.add_(batch)
+        low, blocks = _state.count_samples(
+            state.samples_seen.value, state.samples_seen_blocks.value, batch
+        )
+        state.samples_seen.value.copy_(low)
+        state.samples_seen_blocks.value.copy_(blocks)
+        state.micro_step.value.add_(len(micro_batches))
+        loss = _window.split_step_loss(objective_sum, state.reference_divisor.value, divisor_sum)
+        _keras_internals.loss_tracker(model).update_state(loss, sample_weight=batch)
+    apply_window(model)
+    return model.get_metrics_result()
 
 
 def _accumulate(model, objective) -> None:

@@ -43,11 +43,11 @@ unchanged on an accelerator machine.
 
 Usage::
 
-    python benchmarks/in_step.py memory                 # CPU: ~6 minutes on 2 busy cores
+    python benchmarks/in_step.py memory                 # CPU: 27 min on 2 loaded cores
     python benchmarks/in_step.py memory --plot docs/images/in_step_memory.png
-    python benchmarks/in_step.py time                   # CPU: TF, JAX, torch
+    python benchmarks/in_step.py time --rounds 5        # CPU: TF, JAX, torch; 15 min loaded
     python benchmarks/in_step.py time --device auto -B 256 -m 32 --image-size 128  # GPU/TPU
-    python benchmarks/in_step.py memory --smoke         # seconds: the tests' check
+    python benchmarks/in_step.py memory --smoke         # tiny, TF only: does it run
 """
 
 from __future__ import annotations
@@ -476,7 +476,9 @@ def parse_args(argv=None):
         "--jit", choices=("auto", "false", "true"), default="auto", help="jit_compile (auto)"
     )
     parser.add_argument("--plot", metavar="PNG", help="memory: write a bar chart")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, TF only (the tests)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, TF only: checks that the script runs"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arm", choices=MEMORY_ARMS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

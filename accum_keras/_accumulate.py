@@ -32,7 +32,8 @@ def accumulate(model: keras.Model, accumulation_steps: int, **options: Any) -> k
             itself, with ``accumulation_steps`` set.
         accumulation_steps: int >= 1, micro-batches per optimizer update.
         **options: the twin's other model options (see `AccumulatingModel`:
-            ``skip_nonfinite_updates``, ``accumulator_dtype``); those not
+            ``skip_nonfinite_updates``, ``accumulator_dtype``,
+            ``micro_batch_size`` with ``accumulation_steps=1``); those not
             given take their defaults. An accumulating model keeps its own,
             which these must then equal.
 

@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 
+import numpy as np
 import pytest
 from helpers import RTOL
 from watched import Watched, run_watched, wait_watched
@@ -38,6 +39,15 @@ def test_the_logged_effective_batch_size_is_global(mirrored_results):
     # 60 samples in windows of 32 and 28 (global micro-batch 8 = 2 x 4).
     assert mirrored_results["adam"]["effective_batch_size"] == [30.0, 30.0]
     assert mirrored_results["adam_l2_equal_windows"]["effective_batch_size"] == [32.0, 32.0]
+
+
+def test_micro_batch_size_under_mirrored_strategy_is_plain_keras_there(mirrored_results):
+    result = mirrored_results["in_step_adam_l2"]
+    assert result["replicas"] == 2
+    assert result["updates"] == result["reference_updates"]
+    assert result["difference"] <= RTOL
+    for name, values in result["reference_history"].items():
+        np.testing.assert_allclose(result["history"][name], values, rtol=1e-5, err_msg=name)
 
 
 def _free_loopback_port() -> int:

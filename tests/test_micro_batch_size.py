@@ -245,6 +245,26 @@ def test_accumulator_dtype_is_the_dtype_the_step_sums_in():
     assert max_relative_difference(in_step.get_weights(), plain.get_weights()) > RTOL
 
 
+@pytest.mark.skipif(not ON_TENSORFLOW, reason="TensorFlow's graph")
+def test_the_tensorflow_step_loops_in_the_graph_instead_of_unrolling():
+    import tensorflow as tf
+
+    model = accum_keras.Model(*small_regression_layers()(), micro_batch_size=2)
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(*regression_data(12), batch_size=12, verbose=0)
+
+    def graph_ops(batch_size):
+        spec = (tf.TensorSpec([batch_size, 5]), tf.TensorSpec([batch_size, 1]))
+        graph = tf.function(model.train_step).get_concrete_function(spec).graph.as_graph_def()
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+        return [node.op for node in nodes]
+
+    # 6 and 24 micro-batches: one loop body, the same matrix products.
+    six, twenty_four = graph_ops(12), graph_ops(48)
+    assert six.count("While") + six.count("StatelessWhile") == 1
+    assert six.count("MatMul") == twenty_four.count("MatMul")
+
+
 # -- validation, composition, configuration --------------------------------------
 
 
@@ -274,11 +294,11 @@ def test_the_two_modes_together_are_refused_with_the_reason():
         accum_keras.accumulate(keras.Model(*small_regression_layers()()), 2, micro_batch_size=4)
 
 
-@pytest.mark.skipif(keras.backend.backend() == "jax", reason="JAX steps are stateless functions")
 def test_a_user_written_train_step_is_refused_at_fit_start():
     class OwnStep(accum_keras.Model):
-        def train_step(self, data):
-            return super().train_step(data)
+        def train_step(self, *args):
+            # ``(data)``, or ``(state, data)`` on JAX.
+            return super().train_step(*args)
 
     model = OwnStep(*small_regression_layers()(), micro_batch_size=4)
     model.compile(optimizer="sgd", loss="mse")

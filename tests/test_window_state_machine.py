@@ -688,9 +688,19 @@ _DERANDOMIZE = not os.environ.get("ACCUM_KERAS_STATE_MACHINE_EXPLORE")
 
 
 @pytest.fixture
-def machine(tmp_path):
+def machine(tmp_path, progress):
     WindowLife.directory = str(tmp_path)
-    return WindowLife
+    examples = 0
+
+    class Reporting(WindowLife):
+        # Hypothesis makes one machine per example: a run of minutes shows progress.
+        def __init__(self):
+            nonlocal examples
+            examples += 1
+            progress(f"example {examples}, budget {EXAMPLES}")
+            super().__init__()
+
+    return Reporting
 
 
 def test_random_configurations_and_window_events_match_the_reference(machine):

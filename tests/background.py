@@ -29,8 +29,10 @@ from collections.abc import Callable, Sequence
 
 from watched import IDLE_LIMIT, Hung, Watched, run_watched
 
-# Seconds between two progress lines of a running suite.
+# Seconds between two progress lines of a running job or a long test.
 PROGRESS_PERIOD = 30.0
+# "0" turns the heartbeat off (set for the suites run as jobs).
+HEARTBEAT_ENV = "ACCUM_KERAS_TEST_HEARTBEAT"
 
 # A finished test in ``pytest -v`` output: "tests/test_x.py::test_y PASSED [ 5%]".
 _RESULT = re.compile(r"^(\S+::\S+(?: \S+)*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
@@ -235,13 +237,58 @@ class Jobs:
         self._thread.join(timeout=30)
 
 
+class Heartbeat:
+    """Names the test this process runs when it has run long without a line on the terminal.
+
+    Args:
+        write: where the line goes (a :class:`Terminal`'s ``write_line``).
+        period: seconds of a test's run between two lines.
+    """
+
+    def __init__(self, write: Callable[[str], None], period: float = PROGRESS_PERIOD):
+        self._write = write
+        self._period = period
+        self._test: str | None = None
+        self._since = self._last = time.monotonic()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def test_started(self, nodeid: str) -> None:
+        with self._lock:
+            self._test, self._since = nodeid, time.monotonic()
+            self._last = self._since
+
+    def test_finished(self) -> None:
+        with self._lock:
+            self._test = None
+
+    def _beat(self) -> None:
+        while not self._stopping.wait(min(1.0, self._period / 2)):
+            with self._lock:
+                now = time.monotonic()
+                if self._test is None or now - self._last < self._period:
+                    continue
+                self._last = now
+                line = f"[still running {self._test}: {now - self._since:.0f} s]"
+            self._write(line)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+
+
 # The jobs of this test session (`start_for`), None before collection ends.
 _SESSION: Jobs | None = None
 _SCRATCH: tempfile.TemporaryDirectory | None = None
+HEARTBEAT: Heartbeat | None = None
 
 
 def start_for(items, reporter=None, cwd: str | None = None) -> Jobs | None:
     """Starts, on a background thread, the subprocesses the collected tests need.
+
+    Also starts the :class:`Heartbeat` of this process's tests.
 
     A test module declares them with ``background_jobs(scratch, items)``,
     returning ``{name: (command, env)}`` for the selected ``items`` (``scratch``:
@@ -255,7 +302,11 @@ def start_for(items, reporter=None, cwd: str | None = None) -> Jobs | None:
     Returns:
         The started jobs, or None if no test needs one.
     """
-    global _SESSION, _SCRATCH
+    global _SESSION, _SCRATCH, HEARTBEAT
+    terminal = Terminal(reporter)
+    # A suite run as a job beats no heart of its own: its silence is how a hang shows.
+    if os.environ.get(HEARTBEAT_ENV) != "0":
+        HEARTBEAT = Heartbeat(terminal.write_line)
     modules = list(dict.fromkeys(item.module for item in items if hasattr(item, "module")))
     _SCRATCH = tempfile.TemporaryDirectory(prefix="accum_keras_jobs_")
     commands = {}
@@ -265,7 +316,7 @@ def start_for(items, reporter=None, cwd: str | None = None) -> Jobs | None:
             commands.update(declare(_SCRATCH.name, items))
     if not commands:
         return None
-    _SESSION = Jobs(commands, write=Terminal(reporter).write_line, cwd=cwd)
+    _SESSION = Jobs(commands, write=terminal.write_line, cwd=cwd)
     _SESSION.start()
     return _SESSION
 
@@ -287,6 +338,8 @@ def result(name: str, command: Sequence[str], env: dict[str, str] | None = None,
 
 def stop() -> None:
     """Kills the session's jobs that still run and removes their scratch directory."""
+    if HEARTBEAT is not None:
+        HEARTBEAT.stop()
     if _SESSION is not None:
         _SESSION.stop()
     if _SCRATCH is not None:

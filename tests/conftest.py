@@ -47,6 +47,16 @@ def pytest_collection_finish(session):
     background.start_for(session.items, reporter, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+def pytest_runtest_logstart(nodeid):
+    if background.HEARTBEAT is not None:
+        background.HEARTBEAT.test_started(nodeid)
+
+
+def pytest_runtest_logfinish():
+    if background.HEARTBEAT is not None:
+        background.HEARTBEAT.test_finished()
+
+
 def pytest_sessionfinish(session):
     background.stop()
 

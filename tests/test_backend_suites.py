@@ -98,7 +98,7 @@ def suite_command(backend: str, directory: str) -> tuple[list[str], dict[str, st
     Returns:
         ``(command, env)`` for :class:`background.Suites`.
     """
-    env = dict(os.environ, KERAS_BACKEND=backend)
+    env = dict(os.environ, KERAS_BACKEND=backend, **{background.HEARTBEAT_ENV: "0"})
     if backend == "jax":
         _jax_compilation_cache(env, os.path.join(directory, "jax_cache"))
     # -v: one line per test, which the relay turns into progress lines.

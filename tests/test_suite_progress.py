@@ -9,9 +9,10 @@ at once, and a suite that prints nothing for the idle limit is killed.
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
-from background import Jobs, Relay, durations_section, summary_line
+from background import Heartbeat, Jobs, Relay, durations_section, summary_line
 from watched import Hung
 
 # A child that starts a test, is silent for a while inside it, then ends it,
@@ -77,3 +78,13 @@ def test_the_summary_and_the_slowest_tests_are_read_from_the_output():
         "3.00s call     tests/test_a.py::test_one",
         "1.00s setup    tests/test_a.py::test_two",
     ]
+
+
+def test_a_long_test_of_this_process_is_named_on_the_terminal_while_it_runs():
+    lines = []
+    heartbeat = Heartbeat(lines.append, period=0.2)
+    heartbeat.test_started("tests/test_a.py::test_long")
+    time.sleep(1.0)
+    heartbeat.test_finished()
+    heartbeat.stop()
+    assert lines and lines[0].startswith("[still running tests/test_a.py::test_long: "), lines

@@ -55,7 +55,7 @@ window of a ``super().train_step`` step applied wrongly (fixed in 35486b1).
 It was not cut further: no measurement yet says which smaller budget still
 kills the mutants of ``tools/mutation_score.py``, and the README's test
 command runs the JAX and PyTorch suites alongside this one, so the test's
-~3.5 min (2 idle cores) are no longer added to theirs. Each example's number
+time (204 s in issue 21's run) is no longer added to theirs. Each example's number
 is written to the terminal at least every 30 s (the ``progress`` fixture). The default run draws the
 same examples every time (a CI run fails for a change, not for a new draw);
 ``ACCUM_KERAS_STATE_MACHINE_EXPLORE=1`` draws new ones.

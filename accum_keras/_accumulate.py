@@ -13,16 +13,16 @@ says so.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
-from accum_keras import _keras_internals
-from accum_keras._config import check_accumulation_steps, check_accumulator_dtype
+from accum_keras import _keras_internals, _options
+from accum_keras._config import check_accumulation_steps
 from accum_keras._model import AccumulatingModel, Model, copy_model_options
 
 
-def accumulate(
-    model: keras.Model, accumulation_steps: int, accumulator_dtype: str | None = None
-) -> keras.Model:
+def accumulate(model: keras.Model, accumulation_steps: int, **options: Any) -> keras.Model:
     """Returns a model that trains ``model``'s weights with gradient accumulation.
 
     Args:
@@ -31,9 +31,10 @@ def accumulate(
             `keras.models.load_model`). An accumulating model is returned
             itself, with ``accumulation_steps`` set.
         accumulation_steps: int >= 1, micro-batches per optimizer update.
-        accumulator_dtype: the twin's ``accumulator_dtype`` (see
-            `AccumulatingModel`; None: ``"float32"``). An accumulating model
-            keeps its own, which this must then equal or be None.
+        **options: the twin's other model options (see `AccumulatingModel`:
+            ``skip_nonfinite_updates``, ``accumulator_dtype``); those not
+            given take their defaults. An accumulating model keeps its own,
+            which these must then equal.
 
     Returns:
         An `accum_keras.Model` sharing ``model``'s layers (and therefore its
@@ -47,8 +48,10 @@ def accumulate(
     Raises:
         TypeError: for subclassed models and subclasses of functional models
             with their own constructor (KerasHub tasks), which need the
-            `AccumulatingModel` mixin on their class.
-        ValueError: for a `Sequential` model that is not built yet.
+            `AccumulatingModel` mixin on their class; for a keyword argument
+            that is no model option.
+        ValueError: for a `Sequential` model that is not built yet; for an
+            option an accumulating model already has another value of.
 
     Example:
 
@@ -60,17 +63,22 @@ def accumulate(
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     ```
     """
+    _options.refuse_unknown(options, where="accumulate()")
     steps = check_accumulation_steps(accumulation_steps)
-    if accumulator_dtype is not None:
-        check_accumulator_dtype(accumulator_dtype)
+    given = {
+        option.name: option.check(options[option.name])
+        for option in _options.MODEL_OPTIONS
+        if option.name in options
+    }
     if isinstance(model, AccumulatingModel):
-        if accumulator_dtype not in (None, model.accumulator_dtype):
-            raise ValueError(
-                "accumulate() cannot change the accumulator dtype of an accumulating "
-                f"model (it is fixed once its accumulators exist): the model has "
-                f"accumulator_dtype={model.accumulator_dtype!r}. Received: "
-                f"accumulator_dtype={accumulator_dtype!r}."
-            )
+        for name, value in given.items():
+            if name != "accumulation_steps" and value != getattr(model, name):
+                raise ValueError(
+                    "accumulate() cannot change the options of an accumulating model "
+                    f"(it returns the model itself and sets only accumulation_steps): the "
+                    f"model has {name}={getattr(model, name)!r}. Set `model.{name}` "
+                    f"instead. Received: {name}={value!r}."
+                )
         model.accumulation_steps = steps
         return model
     if not isinstance(model, keras.Model):
@@ -95,8 +103,7 @@ def accumulate(
         model.inputs,
         model.outputs,
         name=model.name,
-        accumulation_steps=steps,
-        accumulator_dtype=accumulator_dtype or "float32",
+        **{**given, "accumulation_steps": steps},
     )
     if model.compiled:
         twin.compile(**_compile_arguments(model))
@@ -110,8 +117,8 @@ def clone_model(model: keras.Model, **kwargs) -> keras.Model:
     model through its class's constructor with the graph alone, so
     `keras.models.clone_model` returns a model that trains with
     ``accumulation_steps=1`` (see docs/your-model.md). This function returns
-    a clone of the same class with the same model options
-    (``accumulation_steps``, ``skip_nonfinite_updates``, ``accumulator_dtype``). Like Keras' clone,
+    a clone of the same class with the same model options (every one of
+    `AccumulatingModel`'s, e.g. ``accumulation_steps``). Like Keras' clone,
     its layers are new (freshly initialized unless ``clone_function`` says
     otherwise) and it is compiled as ``model`` was, with a new optimizer.
     Other models are cloned by Keras unchanged.

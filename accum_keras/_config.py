@@ -71,6 +71,24 @@ def check_accumulator_dtype(value: Any, name: str = "accumulator_dtype") -> str:
     )
 
 
+def check_skip_nonfinite_updates(value: Any, name: str = "skip_nonfinite_updates") -> bool:
+    """Returns ``value`` if it is True or False, else raises.
+
+    Args:
+        value: the candidate setting.
+        name: the argument name used in the error message.
+
+    Returns:
+        ``value``, a bool.
+
+    Raises:
+        TypeError: for anything but a bool (``1`` and ``"yes"`` included).
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False. Received: {name}={value!r}.")
+    return value
+
+
 def check_optimizer_does_not_accumulate(optimizer: Any) -> None:
     """Rejects an optimizer that accumulates gradients itself.
 

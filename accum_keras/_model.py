@@ -20,19 +20,16 @@ import warnings
 import keras
 from keras import ops
 
-from accum_keras import _custom_step, _keras_internals, _lifecycle, _loss_terms
+from accum_keras import _custom_step, _keras_internals, _lifecycle, _loss_terms, _options
 from accum_keras._config import (
     check_accumulation_steps,
     check_accumulator_dtype,
     check_optimizer_does_not_accumulate,
+    check_skip_nonfinite_updates,
 )
 from accum_keras._state import AccumulationState
 
 _SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
-
-# The mixin's own constructor arguments: how a model trains, which a clone or
-# a conversion of the model must keep (each is also a settable attribute).
-MODEL_OPTIONS = ("accumulation_steps", "skip_nonfinite_updates", "accumulator_dtype")
 
 
 def _backend_module():
@@ -82,7 +79,8 @@ class AccumulatingModel:
             formed in float32 and rounded once per micro-batch; the window is
             scaled in float32 and cast once. Measured errors and memory:
             docs/performance.md, "Accumulator dtype". Fixed at construction.
-        *args, **kwargs: passed to the Keras model class.
+        *args, **kwargs: passed to the Keras model class (the options above,
+            declared once in `accum_keras._options`, are taken out first).
 
     Example:
 
@@ -101,26 +99,14 @@ class AccumulatingModel:
     ```
     """
 
-    def __init__(
-        self,
-        *args,
-        accumulation_steps: int = 1,
-        skip_nonfinite_updates: bool = False,
-        accumulator_dtype: str = "float32",
-        **kwargs,
-    ):
-        steps = check_accumulation_steps(accumulation_steps)
-        accumulator_dtype = check_accumulator_dtype(accumulator_dtype)
-        if not isinstance(skip_nonfinite_updates, bool):
-            raise TypeError(
-                "`skip_nonfinite_updates` must be True or False. "
-                f"Received: skip_nonfinite_updates={skip_nonfinite_updates!r}."
-            )
+    def __init__(self, *args, **kwargs):
+        # The options' defaults and checks are declared once, in `_options`.
+        options, kwargs = _options.split(kwargs)
         super().__init__(*args, **kwargs)
-        self._accumulation_steps = steps
-        self.skip_nonfinite_updates = skip_nonfinite_updates
+        self._accumulation_steps = options["accumulation_steps"]
+        self._skip_nonfinite_updates = options["skip_nonfinite_updates"]
         self._accumulation_state = AccumulationState(
-            owner=self, accumulator_dtype=accumulator_dtype
+            owner=self, accumulator_dtype=options["accumulator_dtype"]
         )
         self._accumulation_apply_function = None
         self._accumulation_fitting = False
@@ -150,6 +136,15 @@ class AccumulatingModel:
             # programs; `fit()` looks the function up before every step, so
             # replacing it here takes effect at the next step.
             self.make_train_function(force=True)
+
+    @property
+    def skip_nonfinite_updates(self) -> bool:
+        """Whether a window whose gradient is not finite is left out (see the class docstring)."""
+        return self._skip_nonfinite_updates
+
+    @skip_nonfinite_updates.setter
+    def skip_nonfinite_updates(self, value: bool) -> None:
+        self._skip_nonfinite_updates = check_skip_nonfinite_updates(value)
 
     @property
     def accumulator_dtype(self) -> str:
@@ -212,33 +207,27 @@ class AccumulatingModel:
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config["accumulation_steps"] = self._accumulation_steps
-        if self.skip_nonfinite_updates:
-            config["skip_nonfinite_updates"] = True
-        if self.accumulator_dtype != "float32":
-            config["accumulator_dtype"] = self.accumulator_dtype
+        config.update(_options.non_default(model_options(self)))
         return config
 
     @classmethod
     def from_config(cls, config: dict, custom_objects: dict | None = None):
         # The base class deserializes (functional graphs, Sequential layers,
         # KerasHub backbones and preprocessors, or `cls(**config)` for
-        # subclassed models); the number of steps is set on what it returns.
+        # subclassed models); the options are set on what it returns.
         config = dict(config)
-        steps = config.pop("accumulation_steps", 1)
-        skip = config.pop("skip_nonfinite_updates", False)
-        accumulator_dtype = check_accumulator_dtype(config.pop("accumulator_dtype", "float32"))
+        options = _options.checked(
+            {name: config.pop(name) for name in _options.OPTION_NAMES if name in config}
+        )
         if custom_objects is None:
             # Some bases (KerasHub tasks) take no `custom_objects`; Keras'
             # deserialization passes them through a scope instead.
             model = super().from_config(config)
         else:
             model = super().from_config(config, custom_objects=custom_objects)
-        model.accumulation_steps = steps
-        model.skip_nonfinite_updates = skip
         # Before any accumulator exists: they are created at the first fit
-        # or load, in this dtype.
-        model.accumulator_dtype = accumulator_dtype
+        # or load, in the model's accumulator dtype.
+        set_model_options(model, options)
         return model
 
     # -- compile / fit / evaluate hooks ------------------------------------
@@ -501,10 +490,20 @@ class AccumulatingModel:
         return _backend_module().add_window_shardings(self, shardings)
 
 
+def model_options(model: AccumulatingModel) -> dict:
+    """The model's options by name (see `_options.MODEL_OPTIONS`)."""
+    return {name: getattr(model, name) for name in _options.OPTION_NAMES}
+
+
+def set_model_options(model: AccumulatingModel, options: dict) -> None:
+    """Sets the given options on ``model``, through their setters (and checks)."""
+    for name, value in options.items():
+        setattr(model, name, value)
+
+
 def copy_model_options(source: AccumulatingModel, target: AccumulatingModel) -> None:
-    """Gives ``target`` the `MODEL_OPTIONS` of ``source``."""
-    for name in MODEL_OPTIONS:
-        setattr(target, name, getattr(source, name))
+    """Gives ``target`` every option of ``source``."""
+    set_model_options(target, model_options(source))
 
 
 def _compile_takes_optimizer(cls) -> bool:

@@ -53,6 +53,7 @@ class Terminal:
         self._file = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
         self._reporter = reporter
         self._lock = threading.Lock()
+        self.last_line = time.monotonic()  # when a line was last written
 
     def write_line(self, line: str) -> None:
         writer = getattr(self._reporter, "_tw", None)
@@ -64,6 +65,7 @@ class Terminal:
                 self._reporter.currentfspath = None
             self._file.write(line + "\n")
             self._file.flush()
+            self.last_line = time.monotonic()
 
     def close(self) -> None:
         self._file.close()
@@ -243,10 +245,18 @@ class Heartbeat:
     Args:
         write: where the line goes (a :class:`Terminal`'s ``write_line``).
         period: seconds of a test's run between two lines.
+        last_line: when the terminal last got a line from elsewhere (a job's
+            progress while the test waits for it), or None.
     """
 
-    def __init__(self, write: Callable[[str], None], period: float = PROGRESS_PERIOD):
+    def __init__(
+        self,
+        write: Callable[[str], None],
+        period: float = PROGRESS_PERIOD,
+        last_line: Callable[[], float] | None = None,
+    ):
         self._write = write
+        self._last_line = last_line or (lambda: 0.0)
         self._period = period
         self._test: str | None = None
         self._since = self._last = time.monotonic()
@@ -268,7 +278,8 @@ class Heartbeat:
         while not self._stopping.wait(min(1.0, self._period / 2)):
             with self._lock:
                 now = time.monotonic()
-                if self._test is None or now - self._last < self._period:
+                quiet_since = max(self._last, self._last_line())
+                if self._test is None or now - quiet_since < self._period:
                     continue
                 self._last = now
                 line = f"[still running {self._test}: {now - self._since:.0f} s]"
@@ -306,7 +317,7 @@ def start_for(items, reporter=None, cwd: str | None = None) -> Jobs | None:
     terminal = Terminal(reporter)
     # A suite run as a job beats no heart of its own: its silence is how a hang shows.
     if os.environ.get(HEARTBEAT_ENV) != "0":
-        HEARTBEAT = Heartbeat(terminal.write_line)
+        HEARTBEAT = Heartbeat(terminal.write_line, last_line=lambda: terminal.last_line)
     modules = list(dict.fromkeys(item.module for item in items if hasattr(item, "module")))
     _SCRATCH = tempfile.TemporaryDirectory(prefix="accum_keras_jobs_")
     commands = {}

@@ -88,3 +88,12 @@ def test_a_long_test_of_this_process_is_named_on_the_terminal_while_it_runs():
     heartbeat.test_finished()
     heartbeat.stop()
     assert lines and lines[0].startswith("[still running tests/test_a.py::test_long: "), lines
+
+
+def test_no_heartbeat_while_the_terminal_gets_other_progress_lines():
+    lines = []
+    heartbeat = Heartbeat(lines.append, period=0.5, last_line=time.monotonic)
+    heartbeat.test_started("tests/test_a.py::test_waiting_for_a_job")
+    time.sleep(1.0)
+    heartbeat.stop()
+    assert lines == []

@@ -43,6 +43,8 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     background.start_for(session.items, reporter, cwd=os.path.dirname(os.path.dirname(__file__)))
 

@@ -46,7 +46,9 @@ def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    background.start_for(session.items, reporter, cwd=os.path.dirname(os.path.dirname(__file__)))
+    background.start_for(
+        session.items, reporter, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
 
 
 def pytest_runtest_logstart(nodeid):

@@ -30,7 +30,7 @@ def _xla_when_asked():
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     # The tests that read background jobs (started when collection ends, see
     # tests/background.py) come last, the other backends' suites at the very
     # end: by then the jobs have run on the second core.
@@ -40,6 +40,9 @@ def pytest_collection_modifyitems(items):
         return 2 if item.name.startswith("test_the_suite_passes_on_the_backend") else 1
 
     items.sort(key=order)
+    suites = sys.modules.get("test_backend_suites")
+    if suites is not None:
+        suites.offload(config, items)
 
 
 def pytest_collection_finish(session):

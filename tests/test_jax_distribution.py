@@ -123,6 +123,26 @@ def test_lora_accumulates_only_the_lora_weights(model_parallel):
     assert case["lora_variables"] == len(case["variables"]) == 4
 
 
+@pytest.mark.parametrize("key", ["broad", "narrow"])
+def test_batch_norm_window_statistics_take_the_moving_statistics_layout(model_parallel, key):
+    case = model_parallel[f"batch_norm_{key}"]
+    assert "error" not in case, case.get("error")
+    for specs in (case["specs"], case["converted_specs"]):
+        # A scalar has no axis to shard: replicated, whatever the key matches.
+        assert specs["window_count"] == []
+        assert specs["window_mean"] == specs["moving_mean"] == ["model"]
+        assert specs["window_m2"] == specs["moving_variance"]
+        assert specs["moving_variance"] == (["model"] if key == "broad" else [None])
+
+
+@pytest.mark.parametrize("key", ["broad", "narrow"])
+def test_batch_norm_under_a_layout_map_stores_the_big_batch_statistics(model_parallel, key):
+    case = model_parallel[f"batch_norm_{key}"]
+    assert "error" not in case, case.get("error")
+    assert case["moved"] > 1e-2  # the window did move the statistics
+    assert case["difference"] <= 1e-5, case["difference"]
+
+
 def _counts(collectives: list) -> collections.Counter:
     return collections.Counter(tuple(entry) for entry in collectives)
 

@@ -127,6 +127,8 @@ def offload(config, items) -> None:
     reported as deselected here and run by the own backend's
     ``test_the_suite_passes_on_the_backend``.
     """
+    if config.option.collectonly:
+        return
     own = keras.backend.backend()
     suites = {
         item.callspec.params["backend"]

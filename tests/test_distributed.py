@@ -10,19 +10,27 @@ import os
 import socket
 import sys
 
+import background
 import numpy as np
 import pytest
 from helpers import RTOL
-from watched import Watched, run_watched, wait_watched
+from watched import Watched, wait_watched
 
 HERE = os.path.join(os.path.dirname(__file__), "distributed")
 WORKER = os.path.join(HERE, "mirrored_worker.py")
 MULTI_WORKER = os.path.join(HERE, "multi_worker_worker.py")
 
 
+def background_jobs(scratch, items):
+    """The mirrored worker, started when collection ends (tests/background.py)."""
+    if any("mirrored_results" in getattr(item, "fixturenames", ()) for item in items):
+        return {"mirrored_worker": ([sys.executable, WORKER], None)}
+    return {}
+
+
 @pytest.fixture(scope="module")
 def mirrored_results():
-    completed = run_watched([sys.executable, WORKER])
+    completed = background.result("mirrored_worker", [sys.executable, WORKER])
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 

@@ -13,11 +13,13 @@ import collections
 import importlib.util
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
 import time
 
+import background
 import numpy as np
 import pytest
 from helpers import RTOL
@@ -48,17 +50,29 @@ def _last_json_line(stdout: str) -> dict:
 # -- ModelParallel on eight host devices -----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_parallel(tmp_path_factory):
-    env = _jax_env(tmp_path_factory.mktemp("model_parallel"))
+def _model_parallel_command(scratch) -> tuple[list[str], dict[str, str]]:
+    env = _jax_env(scratch)
     flags = env.get("XLA_FLAGS", "")
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
     command = [sys.executable, os.path.join(BACKENDS, "jax_model_parallel_worker.py")]
     if importlib.util.find_spec("keras_hub") is None:
         command.append("--no-keras-hub")
-    completed = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
+    return command, env
+
+
+def background_jobs(scratch, items):
+    """The eight-device worker, started when collection ends (tests/background.py)."""
+    if importlib.util.find_spec("jax") is not None and any(
+        "model_parallel" in getattr(item, "fixturenames", ()) for item in items
+    ):
+        return {"jax_model_parallel": _model_parallel_command(pathlib.Path(scratch))}
+    return {}
+
+
+@pytest.fixture(scope="module")
+def model_parallel(tmp_path_factory):
+    command, env = _model_parallel_command(tmp_path_factory.mktemp("model_parallel"))
+    completed = background.result("jax_model_parallel", command, env, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = _last_json_line(completed.stdout)
     assert results["devices"] == 8

@@ -49,7 +49,14 @@ logs.
 
 The budget is set by ``ACCUM_KERAS_STATE_MACHINE_EXAMPLES`` (default: 120 on
 TensorFlow, 20 on the other backends, which run the whole suite too): few
-examples per configuration, many configurations. The default run draws the
+examples per configuration, many configurations. How it was chosen: 200/40
+at first, cut to 120/20 to keep CI's time; at 120 the test found the loaded
+window of a ``super().train_step`` step applied wrongly (fixed in 35486b1).
+It was not cut further: no measurement yet says which smaller budget still
+kills the mutants of ``tools/mutation_score.py``, and the README's test
+command runs the JAX and PyTorch suites alongside this one, so the test's
+time (204 s in issue 21's run) is no longer added to theirs. Each example's number
+is written to the terminal at least every 30 s (the ``progress`` fixture). The default run draws the
 same examples every time (a CI run fails for a change, not for a new draw);
 ``ACCUM_KERAS_STATE_MACHINE_EXPLORE=1`` draws new ones.
 """
@@ -693,9 +700,19 @@ _DERANDOMIZE = not os.environ.get("ACCUM_KERAS_STATE_MACHINE_EXPLORE")
 
 
 @pytest.fixture
-def machine(tmp_path):
+def machine(tmp_path, progress):
     WindowLife.directory = str(tmp_path)
-    return WindowLife
+    examples = 0
+
+    class Reporting(WindowLife):
+        # Hypothesis makes one machine per example: a run of minutes shows progress.
+        def __init__(self):
+            nonlocal examples
+            examples += 1
+            progress(f"example {examples}, budget {EXAMPLES}")
+            super().__init__()
+
+    return Reporting
 
 
 def test_random_configurations_and_window_events_match_the_reference(machine):

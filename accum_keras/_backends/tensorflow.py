@@ -278,7 +278,7 @@ def _accumulate_split_micro_batch(model, data, index, count, divisor_so_far, ref
     gradients = tape.gradient(objective, variables)
     model._accumulation_has_gradient = [g is not None for g in gradients]
     _sparse.record_sparse_gradients(model, variables, gradients)
-    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
+    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first, variables)
     model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     return (
         tf.cast(weights.objective, tf.float32),

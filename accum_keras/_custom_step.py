@@ -386,7 +386,10 @@ def fills_open_window(model) -> bool:
     records its optimizers (`record_optimizers`) and leaves the window's loss
     divisor at 0 (only the built-in step sums loss divisors).
     """
-    if not is_active(model):
+    # Not `is_active`: ``k`` may just have been lowered to 1 (`_lifecycle.resize`
+    # applies the open window then), and a window open at k = 1 can only have
+    # been filled at a larger k, where the user's step accumulated.
+    if user_train_step(model) is None or getattr(model, "_accumulation_step_delegates", False):
         return False
     if getattr(model, "_accumulation_custom_updates", None) is not None:
         return True

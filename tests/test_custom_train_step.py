@@ -128,6 +128,29 @@ def test_custom_step_is_accumulated_exactly(cls):
 
 
 @needs_tf_or_torch
+def test_lowering_k_to_1_applies_the_open_window_as_the_user_steps_window():
+    # k is 1 by the time the window is applied: the window was still filled
+    # by the user's step, and is applied as such (found by the randomized test).
+    x, y = regression_data(samples=2 * MICRO)
+    accumulating, plain = _twins(StepBeforeMixin, lambda: keras.optimizers.SGD(0.05, momentum=0.9))
+    accumulating.fit(x, y, batch_size=MICRO, epochs=1, shuffle=False, verbose=0, steps_per_epoch=1)
+    assert accumulating.pending_micro_steps == 0  # the epoch's end applied it
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        accumulating.fit(x[MICRO:], y[MICRO:], batch_size=MICRO, verbose=0, callbacks=[Interrupt()])
+    assert accumulating.pending_micro_steps == 1
+    accumulating.accumulation_steps = 1
+    assert accumulating.pending_micro_steps == 0
+    plain.fit(x, y, batch_size=MICRO, epochs=1, shuffle=False, verbose=0)
+    assert int(accumulating.optimizer.iterations.numpy()) == 2
+    assert_same_training(accumulating, plain)
+
+
+@needs_tf_or_torch
 def test_custom_step_with_adam_and_a_schedule():
     x, y = regression_data(samples=64)
     schedule = lambda: keras.optimizers.schedules.ExponentialDecay(0.05, 1, 0.5)  # noqa: E731

@@ -64,7 +64,7 @@ def test_mobilenet_v3_small_moving_statistics_after_one_window():
     keras.utils.set_random_seed(0)
     big = mobilenet()
     clone = mobilenet()
-    ghost = accum_keras.Model(clone.inputs, clone.outputs, accumulation_steps=K)
+    ghost = accum_keras.Model(clone.input, clone.output, accumulation_steps=K)
     ghost.set_weights(big.get_weights())
     accum = accum_keras.layers.convert_batch_normalization(ghost)
     for model in (big, ghost, accum):
@@ -86,7 +86,7 @@ def test_mobilenet_v3_small_moving_statistics_after_one_window():
     # Every layer: the pooled statistics of the inputs it saw, micro-batch by
     # micro-batch (the ghost model's layers, run in training mode, see the same
     # inputs: same weights, same per-micro-batch normalization).
-    probe = keras.Model(ghost.inputs, [b.input for b in batch_norm_layers(ghost)])
+    probe = keras.Model(ghost.input, [b.input for b in batch_norm_layers(ghost)])
     seen = [
         [keras.ops.convert_to_numpy(t) for t in probe(x[i : i + MICRO], training=True)]
         for i in range(0, len(x), MICRO)

@@ -96,34 +96,16 @@ def accumulate_micro_batch(model, data):
     """
     model._prepare_accumulation_while_tracing(data)
     state = model._accumulation_state
-    optimizer = model.optimizer
     replicas = _num_replicas(model)
-    x, y, sample_weight = unpack_x_y_sample_weight(data)
-    samples = num_samples(x)
     is_first = tf.equal(state.micro_step.value, 0)
-
-    with tf.GradientTape() as tape:
-        y_pred, weights = _stateful.forward(
-            model,
-            x,
-            y,
-            sample_weight,
-            samples,
-            is_first,
-            accumulation_steps=state.accumulation_steps.value,
-            sum_over_replicas=_sum_over_replicas,
-            num_replicas=replicas,
-        )
-        loss_scale = _loss_scale(optimizer)
-        objective = weights.objective
-        if loss_scale is not None:
-            objective = objective * tf.cast(loss_scale, objective.dtype)
-
-    variables = state.accumulated_variables
-    gradients = tape.gradient(objective, variables)
-    model._accumulation_has_gradient = [g is not None for g in gradients]
-    _sparse.record_sparse_gradients(model, variables, gradients)
-    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first, variables)
+    x, y, sample_weight, samples, y_pred, weights = _add_micro_batch(
+        model,
+        data,
+        is_first,
+        accumulation_steps=state.accumulation_steps.value,
+        sum_over_replicas=_sum_over_replicas,
+        num_replicas=replicas,
+    )
 
     # The counters wait for the data (see `after_data`: unknown-length datasets).
     with after_data(x):
@@ -250,25 +232,48 @@ def _accumulate_split_micro_batch(model, data, index, count, divisor_so_far, ref
         micro-batch's objective and the replica's divisor (for the step's
         loss and update scale) and the step's ``D_ref``.
     """
+    x, y, sample_weight, _, y_pred, weights = _add_micro_batch(
+        model,
+        data,
+        tf.equal(index, 0),
+        accumulation_steps=count,
+        num_replicas=_num_replicas(model),
+        track_loss=False,
+        window_divisor=divisor_so_far,
+        reference_divisor=reference,
+    )
+    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    return (
+        tf.cast(weights.objective, tf.float32),
+        tf.cast(weights.divisor, tf.float32),
+        tf.cast(weights.reference_divisor, tf.float32),
+    )
+
+
+def _add_micro_batch(model, data, is_first, **forward_options):
+    """Runs one micro-batch forward and backward and adds its gradient to the accumulators.
+
+    Shared by the streaming step and the in-step loop: the loss scale, the
+    sparse-gradient record and the accumulation rules are the same for both.
+
+    Args:
+        model: the `AccumulatingModel`.
+        data: the micro-batch.
+        is_first: boolean tensor, whether it opens the window (or the step).
+        **forward_options: `_stateful.forward`'s keyword arguments.
+
+    Returns:
+        ``(x, y, sample_weight, samples, y_pred, weights)``: the unpacked
+        micro-batch, its size, the predictions and the
+        `_window.MicroBatchWeights`.
+    """
     state = model._accumulation_state
     optimizer = model.optimizer
-    replicas = _num_replicas(model)
     x, y, sample_weight = unpack_x_y_sample_weight(data)
     samples = num_samples(x)
-    is_first = tf.equal(index, 0)
     with tf.GradientTape() as tape:
         y_pred, weights = _stateful.forward(
-            model,
-            x,
-            y,
-            sample_weight,
-            samples,
-            is_first,
-            accumulation_steps=count,
-            num_replicas=replicas,
-            track_loss=False,
-            window_divisor=divisor_so_far,
-            reference_divisor=reference,
+            model, x, y, sample_weight, samples, is_first, **forward_options
         )
         loss_scale = _loss_scale(optimizer)
         objective = weights.objective
@@ -278,13 +283,9 @@ def _accumulate_split_micro_batch(model, data, index, count, divisor_so_far, ref
     gradients = tape.gradient(objective, variables)
     model._accumulation_has_gradient = [g is not None for g in gradients]
     _sparse.record_sparse_gradients(model, variables, gradients)
+    replicas = forward_options.get("num_replicas", 1)
     _accumulate(state.gradients, gradients, loss_scale, replicas, is_first, variables)
-    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-    return (
-        tf.cast(weights.objective, tf.float32),
-        tf.cast(weights.divisor, tf.float32),
-        tf.cast(weights.reference_divisor, tf.float32),
-    )
+    return x, y, sample_weight, samples, y_pred, weights
 
 
 @contextlib.contextmanager

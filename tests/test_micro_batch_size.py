@@ -124,13 +124,26 @@ def test_masked_loss_is_normalized_by_the_batch_valid_tokens():
     assert_same_logs(*histories)
 
 
+class MeanActivityPenalty(keras.layers.Layer):
+    """``add_loss`` of a mean over the batch's samples.
+
+    Keras 3.15's ``ActivityRegularization`` divides by the batch size; before
+    (3.10, the oldest version CI tests) it added a sum over the batch, which
+    neither mode can split into micro-batches (docs/guarantees.md).
+    """
+
+    def call(self, inputs):
+        self.add_loss(0.01 * keras.ops.mean(keras.ops.sum(keras.ops.abs(inputs), axis=-1)))
+        return inputs
+
+
 def test_regularizer_and_add_loss_count_once_per_step():
     def build():
         inputs = keras.Input((5,))
         hidden = keras.layers.Dense(
             8, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.05)
         )(inputs)
-        hidden = keras.layers.ActivityRegularization(l1=0.01)(hidden)
+        hidden = MeanActivityPenalty()(hidden)
         return inputs, keras.layers.Dense(1)(hidden)
 
     in_step, plain = twins(build, 4)

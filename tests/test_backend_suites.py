@@ -45,6 +45,7 @@ SUITE = [
     "tests/test_keras_internals.py",
     "tests/test_composition_config.py",
     "tests/test_accumulator_dtype.py",
+    "tests/test_option_coverage.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

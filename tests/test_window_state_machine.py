@@ -339,12 +339,12 @@ def configurations(draw) -> Configuration:
         # in the half dtype, not summed in float32 and rounded once.
         embedding = accumulator_dtype == "variable" and policy != "bfloat16"
     loss_scaling = draw(st.sampled_from(LOSS_SCALING))
-    if loss_scaling == "factor" and policy == "mixed_float16":
-        # Left out until explained (reported, issue 20): `compile()` wraps the
-        # optimizer in a LossScaleOptimizer, and a user step calling its
-        # `scale_loss` at k = 1 made 15 updates where plain Keras' built-in
-        # step made 17 on the same micro-batches (TensorFlow).
-        loss_scaling = None
+    if kind == "own_gradients_step" and policy == "mixed_float16":
+        # Left out until explained (reported, issue 20): a step that applies
+        # its own gradients under mixed_float16 (LossScaleOptimizer) at k = 1
+        # made 15 updates where plain Keras' built-in step made 17 on the same
+        # micro-batches (TensorFlow).
+        policy = "mixed_bfloat16"
     if embedding and BACKEND == "tensorflow" and (loss_scaling or policy == "mixed_float16"):
         # Left out until explained: (a) with `loss_scale_factor`, Keras 3.15.1's
         # own `optimizer.apply` divides an IndexedSlices by the factor

@@ -121,7 +121,6 @@ SINGLE_VALUED: dict[str, str] = (
 # The Keras training features the randomized test draws: feature -> whether a
 # configuration has it. Every one is a row of the compatibility matrix.
 DRAWN_FEATURES: dict[str, Callable[[Configuration], bool]] = {
-    "dtype policy `mixed_float16`": lambda config: config.policy == "mixed_float16",
     "dtype policy `mixed_bfloat16`": lambda config: config.policy == "mixed_bfloat16",
     "dtype policy `bfloat16`": lambda config: config.policy == "bfloat16",
     "`LossScaleOptimizer`": lambda config: config.loss_scaling == "loss_scale_optimizer",
@@ -138,6 +137,7 @@ DRAWN_FEATURES: dict[str, Callable[[Configuration], bool]] = {
 # The other rows of the matrix: tested apart (costly set-ups: other processes,
 # devices, downloads of architectures) or not supported.
 OTHER_FEATURES = [
+    "dtype policy `mixed_float16`",  # left out of the draw for now (see POLICIES there)
     'float8 training (`quantize("float8")`)',
     "int8 quantization + LoRA",
     "`MirroredStrategy`",

@@ -32,7 +32,8 @@ def accumulate(model: keras.Model, accumulation_steps: int, **options: Any) -> k
             itself, with ``accumulation_steps`` set.
         accumulation_steps: int >= 1, micro-batches per optimizer update.
         **options: the twin's other model options (see `AccumulatingModel`:
-            ``skip_nonfinite_updates``, ``accumulator_dtype``); those not
+            ``skip_nonfinite_updates``, ``accumulator_dtype``,
+            ``micro_batch_size`` with ``accumulation_steps=1``); those not
             given take their defaults. An accumulating model keeps its own,
             which these must then equal.
 
@@ -99,9 +100,16 @@ def accumulate(model: keras.Model, accumulation_steps: int, **options: Any) -> k
             "accumulate() needs the model's inputs: build the Sequential model with "
             "a keras.Input first layer (or call it on data once)."
         )
+    # The model's own input and output structure (a single tensor stays one):
+    # a twin built from the flat lists warns whenever it is called on the data
+    # the model takes. A Sequential model has one input and one output.
+    if isinstance(model, keras.Sequential):
+        inputs, outputs = model.inputs[0], model.outputs[0]
+    else:
+        inputs, outputs = model.input, model.output
     twin = Model(
-        model.inputs,
-        model.outputs,
+        inputs,
+        outputs,
         name=model.name,
         **{**given, "accumulation_steps": steps},
     )
@@ -172,7 +180,8 @@ def _compile_arguments(model: keras.Model) -> dict:
         auto_scale_loss=False,
         # The settings as they are now (they can be reassigned after compile).
         run_eagerly=model.run_eagerly,
-        jit_compile=model.jit_compile,
+        # Eager execution compiles nothing; Keras would switch XLA off with a warning.
+        jit_compile=model.jit_compile and not model.run_eagerly,
         steps_per_execution=model.steps_per_execution,
     )
     return arguments

@@ -12,7 +12,8 @@ the end of a window is written once:
    take the window's pooled statistics on an applied window, and the pooled
    statistics are reset in every case, so a skipped window leaves no trace;
 4. the counters: ``last_update_samples`` becomes the window's samples (an
-   applied window's only: a skipped one is no update) and the
+   applied window's only: a skipped one is no update, and its samples are
+   counted in ``skipped_samples``) and the
    window opens empty (``micro_step``, ``window_samples``, ``window_divisor``,
    and the accumulators where the backend adds into them).
 
@@ -75,6 +76,9 @@ def apply_window(model, updates: Sequence[Update]) -> None:
     # A skipped window is no update: the last update's samples stay.
     window_samples = state.window_samples.value
     if finite is not None:
+        state.skipped_samples.assign_add(
+            ops.where(finite, ops.zeros_like(window_samples), window_samples)
+        )
         window_samples = ops.where(finite, window_samples, state.last_update_samples.value)
     state.last_update_samples.assign(window_samples)
     for variable in (state.window_samples, state.window_divisor, state.micro_step):

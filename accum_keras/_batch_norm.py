@@ -18,6 +18,22 @@ from keras import ops
 
 from accum_keras import _keras_internals
 from accum_keras._keras_internals import KerasSaveable
+from accum_keras._state import _same_layout
+
+
+def _replicated_layout() -> dict:
+    """The layout argument that keeps a scalar whole on every device.
+
+    Under a `keras.distribution.ModelParallel` a variable created without a
+    layout takes the `LayoutMap` entry its path matches; a key written for
+    the layer (``".*bn.*"``) would give the scalar window count a rank-1
+    layout it cannot have. Empty without a distribution (and off JAX, whose
+    variables alone take a ``layout`` argument).
+    """
+    distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
+    if distribution is None:
+        return {}
+    return {"layout": keras.distribution.TensorLayout([], distribution.device_mesh)}
 
 
 class WindowStatistics(KerasSaveable):
@@ -29,20 +45,29 @@ class WindowStatistics(KerasSaveable):
         m2: their sum of squared deviations from ``mean``, per channel.
     """
 
-    def __init__(self, channels: int):
-        def zeros(shape, name):
+    def __init__(self, layer: keras.layers.BatchNormalization):
+        channels = layer.moving_mean.shape[0]
+
+        def zeros(shape, name, **layout):
             return keras.Variable(
                 initializer="zeros",
                 shape=shape,
+                # float32 whatever the policy, as the layer's own arithmetic:
+                # a half-precision sum of the window would lose what pooling
+                # keeps.
                 dtype="float32",
                 trainable=False,
                 name=name,
                 aggregation="only_first_replica",
+                # Read in `call()`, where a mixed policy would otherwise hand
+                # back the compute dtype.
+                autocast=False,
+                **layout,
             )
 
-        self.count = zeros((), "window_count")
-        self.mean = zeros((channels,), "window_mean")
-        self.m2 = zeros((channels,), "window_m2")
+        self.count = zeros((), "window_count", **_replicated_layout())
+        self.mean = zeros((channels,), "window_mean", **_same_layout(layer.moving_mean))
+        self.m2 = zeros((channels,), "window_m2", **_same_layout(layer.moving_variance))
 
     def _obj_type(self):
         # See `AccumulationState._obj_type`.
@@ -82,10 +107,12 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
 
     Takes the same arguments and has the same weights as BatchNormalization
     (weights can be copied both ways). Inside an `AccumulatingModel` with
-    ``accumulation_steps > 1`` the moving mean and variance are updated once
-    per window with the pooled statistics of all the window's samples, which
-    is what BatchNormalization on the big batch stores. Elsewhere (plain
-    models, ``accumulation_steps == 1``, inference) it is BatchNormalization.
+    ``accumulation_steps > 1`` or ``micro_batch_size`` the moving mean and
+    variance are updated once per window (in-step: once per train step) with
+    the pooled statistics of all its micro-batches' samples, which is what
+    BatchNormalization on the big batch stores. Elsewhere (plain models,
+    ``accumulation_steps == 1`` without ``micro_batch_size``, inference) it
+    is BatchNormalization.
     Batch renormalization (``renorm=True``) is not supported.
 
     Example:
@@ -118,8 +145,7 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
 
     def build(self, input_shape):
         super().build(input_shape)
-        channels = input_shape[self.axis]
-        self._window = WindowStatistics(channels)
+        self._window = WindowStatistics(self)
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable and self.defer_to_window):
@@ -169,10 +195,18 @@ class AccumBatchNormalization(keras.layers.BatchNormalization):
         update = window.count.value > 0
         if applied is not None:
             update = ops.logical_and(update, applied)
-        new_mean = self.moving_mean * momentum + window.mean.value * (1.0 - momentum)
-        new_variance = self.moving_variance * momentum + window.variance() * (1.0 - momentum)
-        self.moving_mean.assign(ops.where(update, new_mean, self.moving_mean.value))
-        self.moving_variance.assign(ops.where(update, new_variance, self.moving_variance.value))
+        # In float32 and rounded once to the moving statistics' dtype (bfloat16
+        # under a ``bfloat16`` policy), as BatchNormalization does.
+        moving_mean = ops.cast(self.moving_mean.value, "float32")
+        moving_variance = ops.cast(self.moving_variance.value, "float32")
+        new_mean = moving_mean * momentum + window.mean.value * (1.0 - momentum)
+        new_variance = moving_variance * momentum + window.variance() * (1.0 - momentum)
+        self.moving_mean.assign(
+            ops.cast(ops.where(update, new_mean, moving_mean), self.moving_mean.dtype)
+        )
+        self.moving_variance.assign(
+            ops.cast(ops.where(update, new_variance, moving_variance), self.moving_variance.dtype)
+        )
         window.reset()
 
     def discard_window_statistics(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from typing import NamedTuple
 
 import keras
 from keras import ops
@@ -47,8 +48,11 @@ class AccumulationCallback(keras.callbacks.Callback):
     Logs. Batch logs (the progress bar) get ``effective_batch_size``: the
     samples of the last update, from the first update of the fit on. Epoch
     logs (the bar's last line, `History`, `CSVLogger`, `TensorBoard`) get
-    ``effective_batch_size`` (the epoch's samples divided by its updates, when
-    the epoch made one), ``learning_rate``, ``accumulation_steps`` when an
+    ``effective_batch_size`` (the mean batch of the epoch's updates: the
+    samples of the updates applied in the epoch, over their number, when
+    the epoch made one; a skipped window is no update, and a window
+    continued from an interrupted ``fit()`` counts all its samples),
+    ``learning_rate``, ``accumulation_steps`` when an
     ``accumulation_schedule`` is set, and ``skipped_updates`` (windows
     dropped for a non-finite gradient, since the model was created) when
     windows can be skipped (``skip_nonfinite_updates=True`` or a
@@ -119,7 +123,7 @@ class AccumulationCallback(keras.callbacks.Callback):
         self.verbose = verbose
         self._micro_batch_size: int | None = None
         self._rate: FitLearningRate | None = None
-        self._epoch_start = (0.0, 0)
+        self._epoch_start = _Counters(0, 0, 0, 0)
         self._fit_start_updates = 0
         self._log_skips = False
 
@@ -223,11 +227,11 @@ class AccumulationCallback(keras.callbacks.Callback):
                     # The rate reads k from the model's variable, but JAX's
                     # compiled optimizer update sees it as a constant.
                     self.model.make_train_function(force=True)
-        self._epoch_start = (self._samples_seen(), self._updates())
+        self._epoch_start = self._counters()
 
     def on_train_batch_end(self, batch, logs=None):
         if self._micro_batch_size is None and self.base_batch_size is not None:
-            seen = self._samples_seen() - self._epoch_start[0]
+            seen = self._samples_seen() - self._epoch_start.samples_seen
             self._micro_batch_size = max(1, round(seen / (batch + 1)))
             if self._rate is not None:
                 self._rate.batch_ratio = self._batch_ratio()
@@ -239,10 +243,10 @@ class AccumulationCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        samples = self._samples_seen() - self._epoch_start[0]
-        updates = self._updates() - self._epoch_start[1]
+        start, end = self._epoch_start, self._counters()
+        updates = end.updates - start.updates
         if updates:
-            logs["effective_batch_size"] = samples / updates
+            logs["effective_batch_size"] = end.applied_samples(start) / updates
         logs["learning_rate"] = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
         if self.accumulation_schedule is not None:
             logs["accumulation_steps"] = self.model.accumulation_steps
@@ -265,6 +269,41 @@ class AccumulationCallback(keras.callbacks.Callback):
 
     def _updates(self) -> int:
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _counters(self) -> _Counters:
+        state = self.model._accumulation_state
+        if not state.built:
+            return _Counters(0, self._updates(), 0, 0)
+        return _Counters(
+            self._samples_seen(),
+            self._updates(),
+            int(ops.convert_to_numpy(state.skipped_samples)),
+            int(ops.convert_to_numpy(state.window_samples)),
+        )
+
+
+class _Counters(NamedTuple):
+    """What the epoch's ``effective_batch_size`` is computed from, read at one moment."""
+
+    samples_seen: int
+    updates: int
+    skipped_samples: int
+    open_window_samples: int
+
+    def applied_samples(self, start: _Counters) -> int:
+        """Samples of the updates applied since ``start``.
+
+        An update counts all its samples, also those seen before ``start``
+        (a window continued from an interrupted ``fit()``); a skipped window's
+        samples count in no update.
+        """
+        return (
+            self.samples_seen
+            - start.samples_seen
+            + start.open_window_samples
+            - self.open_window_samples
+            - (self.skipped_samples - start.skipped_samples)
+        )
 
 
 def _inner_optimizer(optimizer):

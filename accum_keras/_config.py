@@ -47,6 +47,59 @@ def check_accumulation_steps(value: Any, name: str = "accumulation_steps") -> in
     return int(value)
 
 
+def check_micro_batch_size(value: Any, name: str = "micro_batch_size") -> int | None:
+    """Returns ``value`` as an int if it is None or an integer in [1, 2**31 - 1], else raises.
+
+    Args:
+        value: the candidate number of samples per micro-batch of a train
+            step (None: the in-step mode is off).
+        name: the argument name used in the error message.
+
+    Returns:
+        None or ``int(value)``.
+
+    Raises:
+        TypeError: for bools, floats and other non-integers.
+        ValueError: for integers below 1 or above `MAX_ACCUMULATION_STEPS`.
+    """
+    if value is None:
+        return None
+    allowed = (
+        f"`{name}` must be None (off) or an int >= 1 (the most samples each "
+        "train step runs forward and backward at once)"
+    )
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{allowed}. Received: {name}={value!r} of type {type(value).__name__}.")
+    if not 1 <= value <= MAX_ACCUMULATION_STEPS:
+        raise ValueError(
+            f"{allowed}, at most {MAX_ACCUMULATION_STEPS}. Received: {name}={value!r}."
+        )
+    return int(value)
+
+
+def check_modes_compose(accumulation_steps: int, micro_batch_size: int | None) -> None:
+    """Refuses ``micro_batch_size`` together with ``accumulation_steps > 1``.
+
+    Args:
+        accumulation_steps: the streaming mode's micro-batches per update.
+        micro_batch_size: the in-step mode's micro-batch size, or None.
+
+    Raises:
+        ValueError: when both modes are asked for.
+    """
+    if micro_batch_size is None or accumulation_steps == 1:
+        return
+    raise ValueError(
+        "`micro_batch_size` (split each fit() batch inside its train step and apply one "
+        "update per step) cannot be combined with `accumulation_steps > 1` (one update "
+        "per window of several fit() steps): a window spanning several split steps would "
+        "count fit() steps, samples and epoch ends in two ways at once. Use one mode: "
+        "feed the big batch to fit() with micro_batch_size, or feed micro-batches with "
+        f"accumulation_steps. Received: accumulation_steps={accumulation_steps!r}, "
+        f"micro_batch_size={micro_batch_size!r}."
+    )
+
+
 def check_accumulator_dtype(value: Any, name: str = "accumulator_dtype") -> str:
     """Returns ``value`` if it is one of `ACCUMULATOR_DTYPES`, else raises.
 

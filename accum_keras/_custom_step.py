@@ -10,7 +10,9 @@ while the user's step runs:
   mean over the micro-batch's samples (like an overridden ``compute_loss``),
   multiplied by the micro-batch's sample count and added to the accumulator of
   its variable (the same accumulators, `AccumulationState.gradients`, that the
-  built-in step uses, so saving mid-window works unchanged);
+  built-in step uses, so saving mid-window works unchanged); a gradient handed
+  to a loss-scaling optimizer is divided by its loss scale first, and the
+  window is handed back multiplied by it;
 - nothing is applied during the step; after ``accumulation_steps`` steps each
   optimizer receives, once, the sum divided by the window's samples: the
   gradient of the mean over the whole window, i.e. the big batch's gradient
@@ -37,7 +39,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from accum_keras import _apply
+from accum_keras import _apply, _overwrite
 
 # Modules whose ``train_step`` is Keras' own (or ours): not a user-written step.
 _KERAS_MODULES = ("keras.", "accum_keras.")
@@ -207,6 +209,12 @@ class _Interception:
         taken = {i for _, pairs in self.applied for i, _ in pairs}
         is_first = ops.equal(state.micro_step.value, 0)
         weight = ops.cast(self.samples, "float32")
+        loss_scale = _loss_scale(optimizer)
+        if loss_scale is not None:
+            # The step hands over gradients of its scaled loss: accumulate them
+            # unscaled, as the built-in step does, or a float16 accumulator
+            # would hold loss scale x window samples x gradient and overflow.
+            weight = weight / loss_scale
         pairs = []
         for gradient, variable in zip(grads, trainable_variables, strict=True):
             if gradient is None:
@@ -226,6 +234,11 @@ class _Interception:
                     "accum_keras cannot accumulate that."
                 )
             accumulator = state.gradients[position]
+            if _overwrite.is_overwritten(variable):
+                # A value, not a gradient: the window maximum (`accum_keras._overwrite`).
+                accumulator.assign(_overwrite.window_maximum(accumulator.value, gradient, is_first))
+                pairs.append((position, variable))
+                continue
             contribution = ops.cast(ops.convert_to_tensor(gradient), "float32") * weight
             # `ops.add` sums a half-precision accumulator in float32; the
             # assignment rounds it once.
@@ -394,11 +407,25 @@ def apply_window(model) -> None:
     for optimizer, pairs in _window_updates(model):
         if not pairs:
             continue
+        # Scaled back: the optimizer unscales what it is given, as for a plain step.
+        loss_scale = _loss_scale(optimizer)
+        scale = total if loss_scale is None else ops.divide(total, loss_scale)
         gradients = [
-            ops.cast(ops.divide(state.gradients[i].value, total), v.dtype) for i, v in pairs
+            # A window maximum is handed over as it is (`accum_keras._overwrite`).
+            state.gradients[i].value
+            if _overwrite.is_overwritten(v)
+            else ops.cast(ops.divide(ops.cast(state.gradients[i].value, "float32"), scale), v.dtype)
+            for i, v in pairs
         ]
         updates.append((optimizer, gradients, [v for _, v in pairs]))
     _apply.apply_window(model, updates)
+
+
+def _loss_scale(optimizer):
+    """The factor ``optimizer.scale_loss`` multiplies a loss by (float32), or None."""
+    if _apply.is_loss_scale_optimizer(optimizer) or getattr(optimizer, "loss_scale_factor", None):
+        return ops.cast(optimizer.scale_loss(1.0), "float32")
+    return None
 
 
 def _window_updates(model) -> list[tuple[Any, list[tuple[int, Any]]]]:

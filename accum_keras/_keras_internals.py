@@ -150,8 +150,21 @@ def sublayers(model) -> list:
 
 
 def symbolic_build(model, data_batch) -> None:
-    """``Trainer._symbolic_build(data_batch=...)``: builds the model, compiled loss and metrics."""
-    model._symbolic_build(data_batch=data_batch)
+    """``Trainer._symbolic_build(data_batch=...)``: builds the model, compiled loss and metrics.
+
+    Used inside the traced step, where plain Keras builds the model by calling
+    it: an error the model raises there reaches the user with its own type
+    (``OperatorNotAllowedInGraphError``, a user's exception), which Keras'
+    symbolic build would wrap in a ``RuntimeError`` ("Unable to automatically
+    build the model"); that wrapper is taken off again.
+    """
+    try:
+        model._symbolic_build(data_batch=data_batch)
+    except RuntimeError as error:
+        cause = error.__context__
+        if cause is None or not str(error).startswith("Unable to automatically build"):
+            raise
+        raise cause from None
 
 
 def make_function(model, step) -> Any:

@@ -24,6 +24,8 @@ from accum_keras import _custom_step, _keras_internals, _lifecycle, _loss_terms,
 from accum_keras._config import (
     check_accumulation_steps,
     check_accumulator_dtype,
+    check_micro_batch_size,
+    check_modes_compose,
     check_optimizer_does_not_accumulate,
     check_skip_nonfinite_updates,
 )
@@ -32,20 +34,33 @@ from accum_keras._state import AccumulationState
 _SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
+_BACKEND_MODULES: dict = {}
+
+
 def _backend_module():
+    """The `accum_keras._backends` module of Keras' backend.
+
+    Imported once, then looked up: the step calls this while TensorFlow traces
+    it, and an import there (``importlib``'s machinery) is code AutoGraph
+    cannot convert, which it logs as a warning.
+    """
     name = keras.backend.backend()
-    if name not in _SUPPORTED_BACKENDS:
-        raise NotImplementedError(
-            f"accum_keras does not support the Keras backend {name!r} yet. "
-            f"Supported backends: {', '.join(_SUPPORTED_BACKENDS)}."
-        )
-    return importlib.import_module(f"accum_keras._backends.{name}")
+    module = _BACKEND_MODULES.get(name)
+    if module is None:
+        if name not in _SUPPORTED_BACKENDS:
+            raise NotImplementedError(
+                f"accum_keras does not support the Keras backend {name!r} yet. "
+                f"Supported backends: {', '.join(_SUPPORTED_BACKENDS)}."
+            )
+        module = _BACKEND_MODULES[name] = importlib.import_module(f"accum_keras._backends.{name}")
+    return module
 
 
 class AccumulatingModel:
     """Mixin for `keras.Model`: one optimizer update per `accumulation_steps` micro-batches.
 
-    Put it before the Keras model class in the bases. ``fit()`` then trains on
+    Put it before the Keras model class in the bases (the other order is
+    refused with a `TypeError` when the class is defined). ``fit()`` then trains on
     micro-batches (the ``batch_size`` you pass, or your dataset's batches) and
     applies one optimizer update per window of ``accumulation_steps``
     micro-batches, with the update the big batch of the whole window would
@@ -66,8 +81,9 @@ class AccumulatingModel:
             logged ``skipped_updates``; like optax's ``apply_if_finite``, for
             any dtype policy. A `LossScaleOptimizer` skips such windows
             anyway. Applies to windows of ``accumulation_steps >= 2`` (at 1
-            the model runs Keras' own step); not supported under
-            ``tf.distribute`` strategies other than the default one.
+            the model runs Keras' own step). Under a ``tf.distribute``
+            strategy a non-finite gradient on any replica skips the window
+            on every replica.
         accumulator_dtype: the dtype the window's gradients are summed in:
             ``"float32"`` (the default: the big batch's update to float32
             round-off, whatever the weights' dtype), ``"bfloat16"`` or
@@ -79,8 +95,21 @@ class AccumulatingModel:
             formed in float32 and rounded once per micro-batch; the window is
             scaled in float32 and cast once. Measured errors and memory:
             docs/performance.md, "Accumulator dtype". Fixed at construction.
+        micro_batch_size: None (the default) or an int >= 1: the in-step
+            mode. ``fit()`` is given the big batches themselves; each train
+            step splits its batch into micro-batches of at most this many
+            samples (taken by stride, see `accum_keras._split`), accumulates
+            their gradients in a loop inside the one compiled step and
+            applies one update: plain Keras' step on the whole batch, on the
+            memory of a micro-batch's activations. Not combinable with
+            ``accumulation_steps > 1``; a model with its own ``train_step``
+            is refused. Can be reassigned between ``fit()`` calls.
         *args, **kwargs: passed to the Keras model class (the options above,
-            declared once in `accum_keras._options`, are taken out first).
+            declared once in `accum_keras._options`, are taken out first). A
+            keyword argument that no constructor after the mixin names (nor
+            ``keras.Layer``, nor the functional constructor) raises a
+            `TypeError` naming the closest option: Keras' functional
+            constructor would ignore it.
 
     Example:
 
@@ -99,11 +128,21 @@ class AccumulatingModel:
     ```
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _check_mixin_order(cls)
+
     def __init__(self, *args, **kwargs):
         # The options' defaults and checks are declared once, in `_options`.
         options, kwargs = _options.split(kwargs)
+        # Keras' functional constructor ignores keyword arguments it does not
+        # know: a misspelt option would silently train at k = 1.
+        _options.refuse_unknown(
+            kwargs, where=f"{type(self).__name__}()", allowed=_keras_keywords(type(self))
+        )
         super().__init__(*args, **kwargs)
         self._accumulation_steps = options["accumulation_steps"]
+        self._micro_batch_size = options["micro_batch_size"]
         self._skip_nonfinite_updates = options["skip_nonfinite_updates"]
         self._accumulation_state = AccumulationState(
             owner=self, accumulator_dtype=options["accumulator_dtype"]
@@ -126,6 +165,7 @@ class AccumulatingModel:
     @accumulation_steps.setter
     def accumulation_steps(self, value: int) -> None:
         value = check_accumulation_steps(value)
+        check_modes_compose(value, self._micro_batch_size)
         previous = self._accumulation_steps
         if value == previous:
             return
@@ -136,6 +176,30 @@ class AccumulatingModel:
             # programs; `fit()` looks the function up before every step, so
             # replacing it here takes effect at the next step.
             self.make_train_function(force=True)
+
+    @property
+    def micro_batch_size(self) -> int | None:
+        """The in-step mode's micro-batch size, or None (see the class docstring)."""
+        return self._micro_batch_size
+
+    @micro_batch_size.setter
+    def micro_batch_size(self, value: int | None) -> None:
+        value = check_micro_batch_size(value)
+        check_modes_compose(self._accumulation_steps, value)
+        if value == self._micro_batch_size:
+            return
+        self._micro_batch_size = value
+        if self.train_function is not None:
+            # The split is traced into the step: the next step uses a new one.
+            self.make_train_function(force=True)
+
+    def _splits_steps(self) -> bool:
+        """Whether train steps split their batch (the in-step mode)."""
+        return self._micro_batch_size is not None
+
+    def _accumulates(self) -> bool:
+        """Whether train steps accumulate gradients (either mode)."""
+        return self._accumulation_steps > 1 or self._splits_steps()
 
     @property
     def skip_nonfinite_updates(self) -> bool:
@@ -313,6 +377,10 @@ class AccumulatingModel:
         if self.train_function is not None and not force and not self._trainable_set_changed():
             return self.train_function
         self._prepare_accumulation()
+        if self._splits_steps():
+            _refuse_user_step_when_splitting(self)
+            # Keras' own train function around the splitting `train_step`.
+            return super().make_train_function(force=force)
         _custom_step.install(self, _backend_module())
         make = getattr(_backend_module(), "make_train_function", None)
         if (
@@ -335,6 +403,8 @@ class AccumulatingModel:
         backend = _backend_module()
         # A user-written step that calls `super().train_step()` lands here.
         with _custom_step.delegating(self):
+            if self._splits_steps():
+                return backend.split_train_step(self, *args)
             if self._accumulation_steps == 1:
                 plain_train_step = getattr(backend, "plain_train_step", None)
                 if plain_train_step is not None:
@@ -348,8 +418,10 @@ class AccumulatingModel:
         if state.built:
             x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
             samples = _backend_module().num_samples(x)
-            state.last_update_samples.assign(ops.cast(samples, "int32"))
-            state.add_samples_seen(samples)
+            # Not in the step Keras runs past the end of an unknown-length dataset.
+            with _backend_module().after_data(x):
+                state.last_update_samples.assign(ops.cast(samples, "int32"))
+                state.add_samples_seen(samples)
         return logs
 
     # -- window life -------------------------------------------------------
@@ -407,7 +479,7 @@ class AccumulatingModel:
 
     def _prepare_accumulation(self) -> None:
         """Builds the window state before `fit()` traces the step (eager)."""
-        self._build_accumulation_state(self.built and self._accumulation_steps > 1)
+        self._build_accumulation_state(self.built and self._accumulates())
         self._accumulation_state.accumulation_steps.assign(self._accumulation_steps)
         _backend_module().check_skip_nonfinite_supported(self)
         _loss_terms.install_recorders(_keras_internals.compile_loss(self))
@@ -426,7 +498,7 @@ class AccumulatingModel:
         # Bypasses Keras' attribute tracking: these layers are already tracked.
         object.__setattr__(self, "_accumulation_window_layers", layers)
         for layer in layers:
-            layer.defer_to_window = self._accumulation_steps > 1
+            layer.defer_to_window = self._accumulates()
 
     def _prepare_accumulation_while_tracing(self, data) -> None:
         """Finishes what `_prepare_accumulation` could not do before tracing.
@@ -488,6 +560,72 @@ class AccumulatingModel:
     def _get_state_sharding_spec(self):
         shardings = super()._get_state_sharding_spec()
         return _backend_module().add_window_shardings(self, shardings)
+
+
+def _check_mixin_order(cls) -> None:
+    """Refuses a class whose bases put a Keras model before the mixin.
+
+    There Keras' constructor runs first and refuses (or, for a functional
+    model, ignores) the options, and the model's own methods hide the mixin's.
+    """
+    mro = cls.__mro__
+    if keras.Model not in mro or mro.index(AccumulatingModel) < mro.index(keras.Model):
+        return
+    bases = [base for base in cls.__bases__ if base is not AccumulatingModel]
+    names = ", ".join(
+        f"keras.{base.__name__}" if base.__module__.startswith("keras.") else base.__name__
+        for base in bases
+    )
+    raise TypeError(
+        f"{cls.__name__} puts accum_keras.AccumulatingModel after a Keras model in its "
+        "bases; the mixin must come first, so that it receives the options and its fit() "
+        f"and train_step() run. Write:\n\n    class {cls.__name__}(accum_keras."
+        f"AccumulatingModel, {names}):\n\nReceived: bases "
+        f"{tuple(base.__name__ for base in cls.__bases__)}."
+    )
+
+
+def _keras_keywords(cls) -> set[str]:
+    """The keyword arguments the constructors after the mixin may take.
+
+    The named parameters of every ``__init__`` that follows
+    `AccumulatingModel` in ``cls``'s MRO (a KerasHub task's ``backbone``,
+    Keras' ``name``, ``trainable``, ``dtype``), those of the functional
+    constructor (Keras makes a functional subclass of ``cls`` when it is
+    given ``inputs`` and ``outputs``) and the two that ``keras.Layer`` reads
+    from its ``**kwargs``.
+    """
+    after_mixin = cls.__mro__[cls.__mro__.index(AccumulatingModel) + 1 :]
+    classes = after_mixin + (_keras_internals.functional_class(),)
+    names = {"input_dim", "input_shape"}
+    for klass in classes:
+        init = vars(klass).get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names.update(
+            p.name
+            for p in parameters
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        )
+    names.discard("self")
+    return names
+
+
+def _refuse_user_step_when_splitting(model: AccumulatingModel) -> None:
+    """Refuses a user-written ``train_step`` in the in-step mode (at fit start)."""
+    if _custom_step.user_train_step(model) is None:
+        return
+    raise NotImplementedError(
+        f"{type(model).__name__} defines its own `train_step`, which `micro_batch_size` "
+        "cannot split: the in-step mode runs the built-in step once per micro-batch "
+        "inside one compiled step. Remove `micro_batch_size` (use accumulation_steps "
+        "with micro-batches from your pipeline, which supports your own train_step) or "
+        f"the train_step override. Received: micro_batch_size={model.micro_batch_size!r}."
+    )
 
 
 def model_options(model: AccumulatingModel) -> dict:

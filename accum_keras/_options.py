@@ -19,6 +19,8 @@ from typing import Any
 from accum_keras._config import (
     check_accumulation_steps,
     check_accumulator_dtype,
+    check_micro_batch_size,
+    check_modes_compose,
     check_skip_nonfinite_updates,
 )
 
@@ -60,6 +62,13 @@ MODEL_OPTIONS: tuple[ModelOption, ...] = (
         check_accumulator_dtype,
         "the dtype the gradients are summed in",
     ),
+    ModelOption(
+        "micro_batch_size",
+        None,
+        check_micro_batch_size,
+        "split each fit() batch into micro-batches of at most this size inside "
+        "the train step (None or int >= 1)",
+    ),
 )
 
 OPTION_NAMES: tuple[str, ...] = tuple(option.name for option in MODEL_OPTIONS)
@@ -82,13 +91,17 @@ def checked(values: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         TypeError: for a name that is no option (naming the closest), or
             from an option's check.
-        ValueError: from an option's check.
+        ValueError: from an option's check, or for options that do not
+            compose (`check_modes_compose`).
     """
     refuse_unknown(values, where="model option")
-    return {
+    result = {
         option.name: option.check(values.get(option.name, option.default))
         for option in MODEL_OPTIONS
     }
+    # The one rule between options: the two modes do not compose.
+    check_modes_compose(result["accumulation_steps"], result["micro_batch_size"])
+    return result
 
 
 def split(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -87,7 +87,7 @@ def warn_once_per_fit(model) -> None:
         f"TensorFlow Keras' {name} updates those per row occurrence, not as their sum. "
         f"accum_keras hands {name} the window's summed gradient (the update on JAX, "
         "PyTorch, or with a dense gradient), so plain Keras' TensorFlow big batch "
-        f"differs from it (typically by 1e-3 to 1e-2). See {DOCS}. Silence with "
+        f"differs from it (by more the more often a row repeats in a batch). See {DOCS}. Silence with "
         "warnings.filterwarnings('ignore', category=accum_keras.SparseUpdateWarning).",
         SparseUpdateWarning,
         stacklevel=2,

@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from accum_keras import _keras_internals
+from accum_keras import _keras_internals, _overwrite
 from accum_keras._keras_internals import KerasSaveable
 
 _SCALARS = (
@@ -29,6 +29,7 @@ _SCALARS = (
     ("samples_seen", "int32"),
     ("samples_seen_blocks", "int32"),
     ("skipped_updates", "int32"),
+    ("skipped_samples", "int32"),
 )
 
 # `samples_seen` counts modulo this block size and `samples_seen_blocks` counts
@@ -45,7 +46,10 @@ class AccumulationState(KerasSaveable):
         gradients: one accumulator per trainable variable, in the order
             of ``model.trainable_variables``, of the dtype `accumulator_dtype`
             picks (float32 unless the model asks otherwise). Holds the sum of the gradients of
-            the window's accumulation objectives (see `accum_keras._window`).
+            the window's accumulation objectives (see `accum_keras._window`);
+            for a variable flagged ``overwrite_with_gradient`` (float8 scales
+            and amax histories) it is the *window maximum* of its values
+            instead (see `accum_keras._overwrite`).
             Between windows it holds the last window's sum on TensorFlow
             (whose first micro-batch of a window overwrites it) and zeros on
             JAX and PyTorch (which add every micro-batch and clear it when a
@@ -63,6 +67,8 @@ class AccumulationState(KerasSaveable):
             samples_seen`` (read it with `total_samples_seen`).
         skipped_updates: windows not applied because their gradient was
             non-finite (``skip_nonfinite_updates`` or a `LossScaleOptimizer`).
+        skipped_samples: the samples of those windows, so that the samples
+            of the applied updates can be told from the samples seen.
         accumulation_steps: ``k``, read by the compiled step so that it can be
             changed without retracing.
         accumulator_dtype: one of `accum_keras._config.ACCUMULATOR_DTYPES`,
@@ -174,12 +180,31 @@ class AccumulationState(KerasSaveable):
     def save_own_variables(self, store) -> None:
         for name, _ in _SCALARS if self.built else ():
             store[name] = getattr(self, name).numpy()
-        for index, accumulator in enumerate(self.gradients):
+        order = _path_order(self.accumulated_variables)
+        if order is not None and len(order) == len(self.gradients):
+            store["gradients_by_path"] = np.asarray(1, "int32")
+        else:
+            order = list(range(len(self.gradients)))
+        replica_values = self._backend_function("replica_values")
+        for index, position in enumerate(order):
+            accumulator = self.gradients[position]
             store[f"gradient_{index}"] = accumulator.numpy()
+            # Replica-local accumulators also keep each replica's share: the
+            # sum alone, split evenly on load, would round differently later.
+            for replica, value in enumerate(replica_values(accumulator) or ()):
+                store[_replica_key(replica, index)] = value
         if self.optimizer_indices is not None and len(self.optimizer_indices) == len(
             self.gradients
         ):
-            store["optimizer_indices"] = np.asarray(self.optimizer_indices, "int32")
+            store["optimizer_indices"] = np.asarray(
+                [self.optimizer_indices[i] for i in order], "int32"
+            )
+
+    def _backend_function(self, name: str):
+        """The owner's backend function ``name``, or one that does nothing."""
+        owner = self._owner() if self._owner is not None else None
+        backend = owner._accumulation_backend() if owner is not None else None
+        return getattr(backend, name, lambda *args: None)
 
     def load_own_variables(self, store) -> None:
         """Restores the saved window, or starts an empty one when it cannot.
@@ -202,6 +227,8 @@ class AccumulationState(KerasSaveable):
             raise ValueError(
                 "The accumulation state must be built before loading it; build the model first."
             )
+        order = _saved_order(store, keys, self.accumulated_variables, len(saved_gradients))
+        saved_gradients = [saved_gradients[i] for i in order]
         # Older Keras hands out h5py datasets: read them as arrays.
         saved = {name: np.asarray(store[name]) for name, _ in _SCALARS if name in keys}
         _restore_samples_seen(saved)
@@ -210,6 +237,7 @@ class AccumulationState(KerasSaveable):
             "samples_seen",
             "samples_seen_blocks",
             "skipped_updates",
+            "skipped_samples",
         ):
             if name in saved:
                 getattr(self, name).assign(saved[name])
@@ -221,10 +249,18 @@ class AccumulationState(KerasSaveable):
         if pending and matches:
             for name in ("micro_step", "window_divisor", "reference_divisor", "window_samples"):
                 getattr(self, name).assign(saved[name])
+            assign_replica_values = self._backend_function("assign_replica_values")
             for key, accumulator in zip(saved_gradients, self.gradients):
                 accumulator.assign(np.asarray(store[key]))
+                index = int(key.split("_")[1])  # the saved order (see `_saved_order`)
+                shares = []
+                while _replica_key(len(shares), index) in keys:
+                    shares.append(np.asarray(store[_replica_key(len(shares), index)]))
+                if shares:
+                    assign_replica_values(accumulator, shares)
             if "optimizer_indices" in keys:
-                self.optimizer_indices = [int(i) for i in np.asarray(store["optimizer_indices"])]
+                indices = [int(i) for i in np.asarray(store["optimizer_indices"])]
+                self.optimizer_indices = [indices[i] for i in order]
         else:
             for name in ("micro_step", "window_divisor", "reference_divisor", "window_samples"):
                 variable = getattr(self, name)
@@ -241,6 +277,39 @@ class AccumulationState(KerasSaveable):
                 )
         if owner is not None:
             owner._window_loaded()
+
+
+def _replica_key(replica: int, index: int) -> str:
+    return f"replica_{replica}_gradient_{index}"
+
+
+def _path_order(variables: list) -> list[int] | None:
+    """The positions of ``variables`` sorted by path; None unless every path is unique.
+
+    Keras may list a model's variables in another order after a load than
+    before the save (a float8-quantized `Dense` is rebuilt from its config
+    with its scales before its kernel), so accumulators are saved in the
+    order of their variables' paths, which a load does not change.
+    """
+    paths = [getattr(v, "path", None) for v in variables]
+    if not all(isinstance(p, str) for p in paths) or len(set(paths)) != len(paths):
+        return None
+    return sorted(range(len(paths)), key=paths.__getitem__)
+
+
+def _saved_order(store, keys: list, variables: list, saved: int) -> list[int]:
+    """For each of ``variables``, the index of its saved accumulator.
+
+    By path for a file saved so (see `_path_order`), by position otherwise
+    (files of accum_keras 0.3 and older, variables without unique paths).
+    """
+    order = _path_order(variables) if "gradients_by_path" in keys else None
+    if order is None or len(order) != saved:
+        return list(range(saved))
+    saved_index = [0] * saved
+    for index, position in enumerate(order):
+        saved_index[position] = index
+    return saved_index
 
 
 def _restore_samples_seen(saved: dict) -> None:
@@ -279,6 +348,8 @@ def _zeros(shape, dtype: str, name: str, **distribution):
 
 def _accumulator_name(variable: Any) -> str:
     name: str | None = getattr(variable, "name", None)
+    if _overwrite.is_overwritten(variable):
+        return f"window_maximum_{name or 'value'}"
     return f"accumulated_{name or 'gradient'}"
 
 
@@ -311,8 +382,10 @@ def accumulator_dtype(variable: Any, choice: str) -> str:
         choice: one of `accum_keras._config.ACCUMULATOR_DTYPES`.
 
     Returns:
-        ``choice``, or the variable's own dtype for ``"variable"``.
+        ``choice``, or the variable's own dtype for ``"variable"`` and for a
+        variable Keras overwrites with its gradient (its window maximum must
+        equal the big batch's value, not a rounding of it).
     """
-    if choice == "variable":
+    if choice == "variable" or _overwrite.is_overwritten(variable):
         return keras.backend.standardize_dtype(variable.dtype)
     return choice

@@ -49,11 +49,15 @@ class MicroBatchWeights:
         objective: the scalar to differentiate (its gradient is accumulated).
         divisor: ``D_n``, added to the window divisor.
         reference_divisor: ``D_ref`` of the window after this micro-batch.
+        local_divisor: this replica's own share of ``divisor`` (the in-step
+            mode logs each replica's big-batch loss as Keras does, normalized
+            by its own divisors).
     """
 
     objective: Any
     divisor: Any
     reference_divisor: Any
+    local_divisor: Any = None
 
 
 def micro_batch_divisor(
@@ -147,6 +151,7 @@ def micro_batch_weights(
         A `MicroBatchWeights` whose ``divisor`` is the global ``D_n``.
     """
     local_divisor = micro_batch_divisor(terms, num_samples, is_first_in_window, num_replicas)
+    own_divisor = local_divisor
     divisor = sum_over_replicas(local_divisor)
     first_reference = divisor * ops.cast(accumulation_steps, "float32")
     reference = ops.where(
@@ -167,7 +172,27 @@ def micro_batch_weights(
         objective = (local_divisor * (loss - summed) + new_window_divisor * summed) / reference
     else:
         objective = loss * (local_divisor / reference)
-    return MicroBatchWeights(objective, divisor, reference)
+    return MicroBatchWeights(objective, divisor, reference, own_divisor)
+
+
+def split_step_loss(objective_sum: Any, reference_divisor: Any, local_divisor_sum: Any) -> Any:
+    """The big batch's loss on one replica, from its micro-batches (the in-step mode).
+
+    ``sum_n objective_n * D_ref`` is ``sum_n D_n * L_n`` with this replica's
+    divisors and its unscaled losses (see `micro_batch_weights`); divided by
+    their sum it is the loss Keras computes (and logs) for the replica's
+    whole batch: ``sum_n S_n / sum_n D_n + R``. 0 when every element is
+    masked, like Keras' ``divide_no_nan``.
+
+    Args:
+        objective_sum: the sum of the step's micro-batch objectives.
+        reference_divisor: the step's ``D_ref``.
+        local_divisor_sum: the sum of the replica's ``local_divisor``.
+    """
+    return ops.divide_no_nan(
+        ops.cast(objective_sum, "float32") * ops.cast(reference_divisor, "float32"),
+        ops.cast(local_divisor_sum, "float32"),
+    )
 
 
 def update_scale(window_divisor: Any, reference_divisor: Any) -> Any:

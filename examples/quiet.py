@@ -3,10 +3,15 @@
 TensorFlow's C++ runtime prints a dozen lines at start-up (CUDA probing on a
 machine without a GPU, such as ``failed call to cuInit``, oneDNN notices, absl
 logging warnings) that are no use to someone running an example, and
-``TF_CPP_MIN_LOG_LEVEL`` does not silence all of them. :func:`import_tensorflow`
-captures what the import and device discovery write to the stderr file
-descriptor and prints again every line except the known start-up notices, so
-real errors still show.
+``TF_CPP_MIN_LOG_LEVEL`` does not silence all of them: the lines logged before
+absl's logging is initialized ignore it. :func:`import_tensorflow` captures
+what the import and device discovery write to the stderr file descriptor and
+prints again every line except the known start-up notices, so real errors
+still show. Later C++ log lines (while training, e.g. oneDNN's ``supports
+DT_INT32 only on platforms with AVX-512`` on CPUs without AVX-512, logged at
+ERROR level though TensorFlow falls back to its own kernels) are silenced by
+``TF_CPP_MIN_LOG_LEVEL=3``, set unless the environment sets a level; errors
+that stop a run still arrive as Python exceptions.
 
 Set ``EXAMPLES_TF_LOGS=1`` (or ``MASK_RCNN_TF_LOGS=1``, the Mask R-CNN
 example's name for it) to see everything; ``0``, ``false`` or empty keep the
@@ -21,6 +26,8 @@ import tempfile
 
 LOG_VARIABLES = ("EXAMPLES_TF_LOGS", "MASK_RCNN_TF_LOGS")
 _ON = ("1", "true", "yes", "on")
+# TensorFlow's C++ log threshold: 3 hides INFO, WARNING and ERROR lines.
+QUIET_CPP_LOG_LEVEL = "3"
 _OFF = ("", "0", "false", "no", "off")
 
 _NOISE = (
@@ -83,7 +90,7 @@ def import_tensorflow() -> None:
         import tensorflow  # noqa: F401
 
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_CPP_LOG_LEVEL)
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:

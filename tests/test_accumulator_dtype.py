@@ -28,14 +28,14 @@ def policy(request):
     keras.config.set_dtype_policy("float32")
 
 
-def linear_model(accumulator_dtype="float32", k=K, **kwargs):
+def linear_model(accumulator_dtype="float32", k=K, optimizer=None, **kwargs):
     """Zero-initialized ``y = x W``: one SGD(1) window leaves ``W = -gradient``."""
     inputs = keras.Input((FEATURES,))
     outputs = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")(inputs)
     model = accum_keras.Model(
         inputs, outputs, accumulation_steps=k, accumulator_dtype=accumulator_dtype, **kwargs
     )
-    model.compile(keras.optimizers.SGD(1.0), loss="mse")
+    model.compile(optimizer or keras.optimizers.SGD(1.0), loss="mse")
     return model
 
 
@@ -77,17 +77,22 @@ def kernel_of(model):
     return np.asarray(model.get_weights()[0], "float64")
 
 
-@pytest.mark.parametrize("policy", ["float32", "bfloat16"], indirect=True)
+@pytest.mark.parametrize(
+    "policy", ["float32", "bfloat16", "mixed_bfloat16", "mixed_float16"], indirect=True
+)
 @pytest.mark.parametrize("choice", ["float32", "bfloat16", "float16", "variable"])
 def test_accumulators_have_the_chosen_dtype(policy, choice):
+    # "variable" follows the variables' dtype, which mixed policies keep in
+    # float32 (their compute dtype is half precision).
+    variable_dtype = keras.DTypePolicy(policy).variable_dtype
     model = linear_model(choice)
     model.build((None, FEATURES))
     model.make_train_function()
-    expected = policy if choice == "variable" else choice
+    expected = variable_dtype if choice == "variable" else choice
     assert model.accumulator_dtype == choice
     state = model._accumulation_state
     assert [keras.backend.standardize_dtype(a.dtype) for a in state.gradients] == [expected]
-    assert keras.backend.standardize_dtype(model.trainable_variables[0].dtype) == policy
+    assert keras.backend.standardize_dtype(model.trainable_variables[0].dtype) == variable_dtype
 
 
 @pytest.mark.parametrize(
@@ -138,7 +143,8 @@ def test_float32_accumulators_on_a_bfloat16_model_are_the_default(policy):
 
 
 @pytest.mark.parametrize(
-    "value", ["fp16", "bf16", "float64", "Float32", None, 16, np.float32, "int8"]
+    "value",
+    ["fp16", "bf16", "float64", "Float32", None, 16, np.float32, np.dtype("float16"), "int8"],
 )
 def test_bad_accumulator_dtypes_are_refused_early(value):
     with pytest.raises(ValueError, match=r"`accumulator_dtype` must be one of 'float32'"):
@@ -289,3 +295,122 @@ def test_a_custom_train_step_rounds_as_documented():
     np.testing.assert_array_equal(
         kernel_of(model), simulated_kernel(x, y, ml_dtypes.bfloat16, np.float32)
     )
+
+
+TOKENS, ROWS, WIDTH = 8, 3, 4
+
+
+def embedding_model(accumulator_dtype):
+    """A zero-initialized ``Embedding(3, 4)`` read as the output: its gradient is sparse on TF."""
+    model = accum_keras.Sequential(
+        [
+            keras.Input((TOKENS,), dtype="int32"),
+            keras.layers.Embedding(ROWS, WIDTH, embeddings_initializer="zeros"),
+        ],
+        accumulation_steps=MICRO,
+        accumulator_dtype=accumulator_dtype,
+    )
+    model.compile(keras.optimizers.SGD(1.0), loss="mse")
+    return model
+
+
+def repeated_tokens(seed=0):
+    """Three tokens, each repeated about ten times per micro-batch, integer targets below 256.
+
+    Each occurrence's gradient is exact in bfloat16 and float16, a token's sum
+    over a micro-batch is not, nor is the window's: only the accumulator rounds.
+    """
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, ROWS, size=(MICRO * MICRO, TOKENS)).astype("int32")
+    targets = rng.integers(1, 256, size=(MICRO * MICRO, TOKENS, WIDTH)).astype("float32")
+    return tokens, targets
+
+
+def simulated_embedding_accumulator(tokens, targets, micro_batches, accumulator_dtype):
+    """The accumulator after ``micro_batches`` micro-batches, by the documented rounding rule."""
+    accumulator = np.zeros((ROWS, WIDTH)).astype(accumulator_dtype)
+    for n in range(micro_batches):
+        rows = slice(n * MICRO, (n + 1) * MICRO)
+        # MSE at zero weights, weighted 1 / k: each occurrence of a token adds
+        # -2 y / (MICRO * TOKENS * WIDTH * k), a power-of-two multiple of y.
+        gradient = np.zeros((ROWS, WIDTH))
+        np.add.at(
+            gradient,
+            tokens[rows].ravel(),
+            -2.0 * targets[rows].reshape(-1, WIDTH) / (MICRO * TOKENS * WIDTH * MICRO),
+        )
+        accumulator = (accumulator.astype("float64") + gradient).astype(accumulator_dtype)
+    return accumulator
+
+
+@pytest.mark.parametrize("choice", ["bfloat16", "float16"])
+def test_embedding_gradients_round_once_per_micro_batch(choice):
+    # On TensorFlow an Embedding's gradient is sparse (one row per token
+    # occurrence): its occurrences are summed in float32 too, not one by one
+    # in the accumulator's precision.
+    tokens, targets = repeated_tokens()
+    model = embedding_model(choice)
+    for n in range(MICRO - 1):
+        rows = slice(n * MICRO, (n + 1) * MICRO)
+        model.train_on_batch(tokens[rows], targets[rows])
+    assert model.pending_micro_steps == MICRO - 1
+    pending = np.asarray(
+        keras.ops.convert_to_numpy(
+            keras.ops.cast(model._accumulation_state.gradients[0].value, "float32")
+        ),
+        "float64",
+    )
+    expected = simulated_embedding_accumulator(tokens, targets, MICRO - 1, _numpy_dtype(choice))
+    np.testing.assert_array_equal(pending, np.asarray(expected, "float64"))
+    # The data make the accumulator round (else any summation order would pass).
+    assert not np.array_equal(
+        expected, simulated_embedding_accumulator(tokens, targets, MICRO - 1, np.float64)
+    )
+
+    rows = slice((MICRO - 1) * MICRO, MICRO * MICRO)
+    model.train_on_batch(tokens[rows], targets[rows])
+    assert int(model.optimizer.iterations.numpy()) == 1
+    window = simulated_embedding_accumulator(tokens, targets, MICRO, _numpy_dtype(choice))
+    np.testing.assert_array_equal(kernel_of(model), -np.asarray(window, "float64"))
+
+
+SHORT = 3  # micro-batches of a short window of K_SHORT
+
+
+@pytest.mark.parametrize("choice", ["bfloat16", "float16"])
+def test_a_short_window_is_scaled_in_float32_and_rounded_once(choice):
+    # A window of SHORT micro-batches out of k = SHORT + 1 is scaled by
+    # k / SHORT = 4/3: a product that rounds in half precision, so scaling
+    # the half-precision sum in its own dtype would round twice.
+    k = SHORT + 1
+    x, y = integer_data(high=32)
+    x, y = x[: SHORT * MICRO], y[: SHORT * MICRO]
+    model = linear_model(choice, k=k)
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1
+    accumulator = np.zeros((FEATURES, 1)).astype(_numpy_dtype(choice))
+    for n in range(SHORT):
+        rows = slice(n * MICRO, (n + 1) * MICRO)
+        gradient = -2.0 * x[rows].astype("float64").T @ y[rows] / (k * MICRO)
+        accumulator = (accumulator.astype("float64") + gradient).astype(accumulator.dtype)
+    scale = np.float32(k * MICRO) / np.float32(SHORT * MICRO)  # D_ref / T, in float32
+    window_gradient = accumulator.astype("float32") * scale
+    np.testing.assert_array_equal(kernel_of(model), -window_gradient.astype("float64"))
+    rounded_twice = (accumulator * accumulator.dtype.type(scale)).astype("float32")
+    assert not np.array_equal(window_gradient, rounded_twice)
+
+
+def test_float16_accumulators_under_a_loss_scale_hold_unscaled_gradients():
+    # Gradients up to ~100 times the initial loss scale 2**15 exceed float16's
+    # range (65504): the accumulator must receive them unscaled, in float32.
+    x, y = integer_data(high=32)
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1.0))
+    model = linear_model("float16", optimizer=optimizer)
+    start_scale = float(keras.ops.convert_to_numpy(model.optimizer.scale_loss(1.0)))
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    assert int(model._accumulation_state.skipped_updates.numpy()) == 0
+    assert int(model.optimizer.iterations.numpy()) == 1
+    assert float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale)) == start_scale
+    expected = simulated_kernel(x, y, np.float16, np.float32)
+    np.testing.assert_array_equal(kernel_of(model), expected)
+    assert np.abs(expected).max() * start_scale > np.finfo(np.float16).max

@@ -7,9 +7,15 @@ backends that are not installed. Every backend runs the same specification
 (``SUITE``) plus its own specifics. Run one backend's suite directly with e.g.
 ``KERAS_BACKEND=jax python -m pytest tests``.
 
-A subprocess's progress is relayed to the terminal as it comes, so a long
-suite does not look hung, and it fails for time only when it stops printing
-for ``watched.IDLE_LIMIT`` seconds (a hang), never because a machine is slow.
+The suites start when collection ends and run alongside this process's tests
+(``background_jobs``; tests/background.py), and the tests here, moved to the
+end of the run, wait for their results. When they run, the longest tests of
+this process's own suite (``OFFLOADED``) run in a subprocess of its backend
+too, so that the two cores share the work. Their progress is
+written to the terminal as it comes (failures at once, otherwise a line every
+``background.PROGRESS_PERIOD`` seconds), so a long suite does not look hung,
+and a suite fails for time only when it stops printing for
+``watched.IDLE_LIMIT`` seconds (a hang), never because a machine is slow.
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ import json
 import os
 import sys
 
+import background
 import keras
 import pytest
 from helpers import RTOL
-from watched import run_watched
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -46,6 +52,9 @@ SUITE = [
     "tests/test_composition_config.py",
     "tests/test_accumulator_dtype.py",
     "tests/test_option_coverage.py",
+    "tests/test_float8.py",
+    "tests/test_first_contact_errors.py",
+    "tests/test_micro_batch_size.py",
 ]
 SPECIFICS = {
     "tensorflow": [],
@@ -54,37 +63,27 @@ SPECIFICS = {
 }
 
 
-# The closing line of each backend's suite, printed at the end of the run by
-# `conftest.pytest_terminal_summary` (the subprocess tests themselves show as
-# one test each).
+# The closing line and the slowest tests of each backend's suite, printed at
+# the end of the run by `conftest.pytest_terminal_summary` (the subprocess
+# tests themselves show as one test each).
 BACKEND_RESULTS: dict[str, str] = {}
-
-
-def _summary_line(stdout: str) -> str:
-    lines = [line.strip("= ") for line in stdout.splitlines() if " passed" in line]
-    return lines[-1] if lines else "no summary (see the failure above)"
+BACKEND_DURATIONS: dict[str, list[str]] = {}
 
 
 def _skip_unless_installed(backend: str) -> None:
+    reason = _not_installed(backend)
+    if reason:
+        pytest.skip(reason)
+
+
+def _not_installed(backend: str) -> str | None:
     module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
     if importlib.util.find_spec(module) is None:
-        pytest.skip(
+        return (
             f"{module} is not installed, so the suite does not run on the {backend} "
             f"backend (pip install -e '.[{backend},test]' to run it)"
         )
-
-
-def _to_terminal(capsys, backend: str):
-    """An ``echo`` that writes a subprocess's output to the terminal, past pytest's capture."""
-
-    def echo(text: str) -> None:
-        with capsys.disabled():
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
-    with capsys.disabled():
-        sys.stdout.write(f"\n[the suite on {backend}, in a subprocess]\n")
-    return echo
+    return None
 
 
 def _jax_compilation_cache(env: dict[str, str], directory) -> None:
@@ -95,19 +94,107 @@ def _jax_compilation_cache(env: dict[str, str], directory) -> None:
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch", "tensorflow"])
-def test_the_suite_passes_on_the_backend(backend, tmp_path, capsys):
-    if keras.backend.backend() == backend:
-        pytest.skip(f"this process runs the suite on {backend} itself")
-    _skip_unless_installed(backend)
-    env = dict(os.environ, KERAS_BACKEND=backend)
+def suite_command(
+    backend: str, directory: str, tests: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run the suite on ``backend``.
+
+    Args:
+        backend: a Keras backend name.
+        directory: a scratch directory of the run (JAX's compilation cache).
+        tests: the node ids to run instead of the whole suite.
+
+    Returns:
+        ``(command, env)`` for :class:`background.Suites`.
+    """
+    env = dict(os.environ, KERAS_BACKEND=backend, **{background.HEARTBEAT_ENV: "0"})
     if backend == "jax":
-        _jax_compilation_cache(env, tmp_path / "jax_cache")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"]
-    completed = run_watched(
-        command + SUITE + SPECIFICS[backend], env=env, cwd=ROOT, echo=_to_terminal(capsys, backend)
-    )
-    BACKEND_RESULTS[backend] = _summary_line(completed.stdout)
+        _jax_compilation_cache(env, os.path.join(directory, "jax_cache"))
+    # -v: one line per test, which the relay turns into progress lines.
+    command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE"]
+    return command + (tests or SUITE + SPECIFICS[backend]), env
+
+
+# Tests of this process's own suite that run in a subprocess of the same
+# backend when the other backends' suites run too (the README's command): the
+# randomized test is the longest single test, and on the second core its
+# minutes are no longer added to this process's.
+OFFLOADED = ["tests/test_window_state_machine.py"]
+# The node ids `offload` moved to a subprocess in this session.
+_OFFLOADED_NOW: list[str] = []
+
+
+def offload(config, items) -> None:
+    """Moves the ``OFFLOADED`` tests out of this process when the other backends' suites run.
+
+    Called by conftest once the selection is final; the moved tests are
+    reported as deselected here and run by the own backend's
+    ``test_the_suite_passes_on_the_backend``.
+    """
+    if config.option.collectonly:
+        return
+    own = keras.backend.backend()
+    suites = {
+        item.callspec.params["backend"]
+        for item in items
+        if item.module.__name__ == __name__
+        and item.originalname == "test_the_suite_passes_on_the_backend"
+    }
+    if own not in suites or not any(b != own and not _not_installed(b) for b in suites):
+        return
+    moved = [item for item in items if item.nodeid.split("::")[0] in OFFLOADED]
+    if moved:
+        config.hook.pytest_deselected(items=moved)
+        items[:] = [item for item in items if item.nodeid.split("::")[0] not in OFFLOADED]
+        _OFFLOADED_NOW[:] = [item.nodeid for item in moved]
+
+
+def background_jobs(scratch: str, items) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The other backends' suites and the data-parallel worker the selected ``items`` need.
+
+    conftest starts them when collection ends (tests/background.py), so that
+    they run while this process runs its own tests.
+    """
+    jobs = {}
+    for item in items:
+        if item.module.__name__ != __name__:
+            continue
+        if item.originalname == "test_the_suite_passes_on_the_backend":
+            backend = item.callspec.params["backend"]
+            if backend != keras.backend.backend() and not _not_installed(backend):
+                jobs[backend] = suite_command(backend, scratch)
+            elif backend == keras.backend.backend() and _OFFLOADED_NOW:
+                jobs[backend] = suite_command(backend, scratch, _OFFLOADED_NOW)
+        elif (
+            item.originalname
+            == "test_jax_data_parallel_on_two_devices_matches_one_device_on_the_big_batch"
+        ):
+            if not _not_installed("jax"):
+                jobs["jax_data_parallel"] = _data_parallel_command(scratch)
+    return jobs
+
+
+def _data_parallel_command(scratch: str) -> tuple[list[str], dict[str, str]]:
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    _jax_compilation_cache(env, os.path.join(scratch, "jax_cache_data_parallel"))
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
+    return [sys.executable, os.path.join(TESTS, "backends", "jax_data_parallel_worker.py")], env
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch", "tensorflow"])
+def test_the_suite_passes_on_the_backend(backend, tmp_path):
+    tests = None
+    if keras.backend.backend() == backend:
+        if not _OFFLOADED_NOW:
+            pytest.skip(f"this process runs the suite on {backend} itself")
+        tests = _OFFLOADED_NOW  # the rest of it runs in this process
+    _skip_unless_installed(backend)
+    command, env = suite_command(backend, str(tmp_path), tests)
+    completed = background.result(backend, command, env, cwd=ROOT)
+    BACKEND_RESULTS[backend] = background.summary_line(completed.stdout)
+    BACKEND_DURATIONS[backend] = background.durations_section(completed.stdout)
     report = completed.stdout[-6000:] + completed.stderr[-2000:]
     assert completed.returncode == 0, f"the {backend} suite failed:\n{report}"
     assert " passed" in completed.stdout, report
@@ -115,13 +202,8 @@ def test_the_suite_passes_on_the_backend(backend, tmp_path, capsys):
 
 def test_jax_data_parallel_on_two_devices_matches_one_device_on_the_big_batch(tmp_path):
     _skip_unless_installed("jax")
-    env = dict(os.environ, KERAS_BACKEND="jax")
-    _jax_compilation_cache(env, tmp_path / "jax_cache")
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    ).strip()
-    worker = os.path.join(TESTS, "backends", "jax_data_parallel_worker.py")
-    completed = run_watched([sys.executable, worker], env=env, cwd=ROOT)
+    command, env = _data_parallel_command(str(tmp_path))
+    completed = background.result("jax_data_parallel", command, env, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])
     for case, result in results.items():

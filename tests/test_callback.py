@@ -343,6 +343,42 @@ def test_with_one_micro_batch_per_update_the_effective_batch_is_the_batch():
     assert model.history.history["learning_rate"] == pytest.approx([0.01])
 
 
+def test_the_epochs_effective_batch_size_leaves_a_skipped_window_out():
+    # 4 windows of 16, the second skipped: 3 updates of 16 samples each (the
+    # epoch's 64 samples over its 3 updates would read 21.3).
+    x, y = regression_data(samples=64)
+    y[K * MICRO + 1] = np.nan
+    keras.utils.set_random_seed(0)
+    inputs, outputs = small_regression_layers()()
+    model = accum_keras.Model(inputs, outputs, accumulation_steps=K, skip_nonfinite_updates=True)
+    model.compile(keras.optimizers.SGD(0.01), loss="mse")
+    callback = accum_keras.AccumulationCallback(lr_scaling=None)
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0, callbacks=[callback])
+    assert model.history.history["skipped_updates"] == [1]
+    assert model.history.history["effective_batch_size"] == [16.0]
+
+
+def test_the_epochs_effective_batch_size_counts_a_continued_windows_earlier_samples():
+    # An interrupted fit leaves 2 micro-batches (8 samples) in the open window;
+    # the next fit's 56 samples complete it and 3 more windows: 4 updates of
+    # 16 samples each (its own 56 samples over 4 updates would read 14).
+    x, y = regression_data(samples=56)
+    model, _ = compiled_twins()
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise KeyboardInterrupt
+
+    fit = {"x": x, "y": y, "batch_size": MICRO, "shuffle": False, "verbose": 0}
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(**fit, callbacks=[Interrupt()])
+    with pytest.warns(UserWarning, match="2 micro-batch\\(es\\) pending in an open window"):
+        model.fit(**fit, callbacks=[accum_keras.AccumulationCallback(lr_scaling=None)])
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 4
+    assert model.history.history["effective_batch_size"] == [16.0]
+
+
 def test_the_progress_bar_shows_the_effective_batch_size_and_no_counters(capsys):
     x, y = regression_data(samples=64)
     model, _ = compiled_twins()

@@ -179,6 +179,42 @@ def test_a_frozen_batch_norm_keeps_its_moving_statistics():
     _assert_statistics(model, (mean, variance))
 
 
+@pytest.mark.parametrize("guard", ["skip_nonfinite_updates", "loss_scale_optimizer"])
+def test_a_frozen_batch_norm_with_a_non_finite_guard_neither_moves_nor_breaks(guard):
+    # Three windows, the second with a NaN label: it is not applied. A frozen
+    # layer is a fixed function, so the other layers train exactly as plain
+    # Keras with a frozen BatchNormalization on the two applied big batches.
+    x, y = _images(3 * K * MICRO)
+    y[K * MICRO + 1] = np.nan
+    model = _bn_model(skip_nonfinite_updates=guard == "skip_nonfinite_updates")
+    mean = np.array([0.5, -1.0, 2.0], "float32")
+    variance = np.array([3.0, 0.25, 1.5], "float32")
+    model.get_layer("bn").moving_mean.assign(mean)
+    model.get_layer("bn").moving_variance.assign(variance)
+    model.get_layer("bn").trainable = False
+    optimizer = keras.optimizers.SGD(0.01)
+    if guard == "loss_scale_optimizer":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer, loss="mse")
+
+    inputs = keras.Input((4, 4, 2))
+    frozen = keras.layers.BatchNormalization(momentum=MOMENTUM, name="bn")
+    frozen.trainable = False
+    hidden = frozen(keras.layers.Conv2D(3, 3, name="conv")(inputs))
+    plain = keras.Model(
+        inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(hidden))
+    )
+    plain.set_weights(model.get_weights())
+    plain.compile(keras.optimizers.SGD(0.01), loss="mse")
+
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    applied = np.r_[0 : K * MICRO, 2 * K * MICRO : 3 * K * MICRO]
+    plain.fit(x[applied], y[applied], batch_size=K * MICRO, shuffle=False, verbose=0)
+    assert _skipped(model) == 1
+    _assert_statistics(model, (mean, variance))
+    assert_same_training(model, plain)
+
+
 def test_skipped_updates_is_logged_with_a_plain_optimizer():
     x, y = _images(K * K * MICRO)
     y[5 * MICRO] = np.nan

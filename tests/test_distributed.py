@@ -10,18 +10,27 @@ import os
 import socket
 import sys
 
+import background
+import numpy as np
 import pytest
 from helpers import RTOL
-from watched import Watched, run_watched, wait_watched
+from watched import Watched, wait_watched
 
 HERE = os.path.join(os.path.dirname(__file__), "distributed")
 WORKER = os.path.join(HERE, "mirrored_worker.py")
 MULTI_WORKER = os.path.join(HERE, "multi_worker_worker.py")
 
 
+def background_jobs(scratch, items):
+    """The mirrored worker, started when collection ends (tests/background.py)."""
+    if any("mirrored_results" in getattr(item, "fixturenames", ()) for item in items):
+        return {"mirrored_worker": ([sys.executable, WORKER], None)}
+    return {}
+
+
 @pytest.fixture(scope="module")
 def mirrored_results():
-    completed = run_watched([sys.executable, WORKER])
+    completed = background.result("mirrored_worker", [sys.executable, WORKER])
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -34,10 +43,57 @@ def test_mirrored_strategy_matches_the_global_big_batch(mirrored_results, case):
     assert result["difference"] <= RTOL
 
 
+def test_mirrored_float8_values_are_each_replicas_window_maximum(mirrored_results):
+    # Each replica keeps the window maximum of its own shares of the
+    # micro-batches, never a sum; the variable keeps the first replica's, as
+    # plain Keras under the strategy keeps the first replica's share of its
+    # batch (docs/distributed.md). Weights: kernels to round-off, biases to
+    # the bfloat16 rounding of their gradient that Keras' float8 Dense makes
+    # (tests/test_float8.py).
+    result = mirrored_results["float8_one_window"]
+    assert result["updates"] == result["reference_updates"] == 1
+    assert result["kernel_values_difference"] == 0
+    assert result["inputs_amax"] == result["first_replica_inputs_amax"]
+    assert result["optimized_difference"] <= 2**-6
+
+
 def test_the_logged_effective_batch_size_is_global(mirrored_results):
     # 60 samples in windows of 32 and 28 (global micro-batch 8 = 2 x 4).
     assert mirrored_results["adam"]["effective_batch_size"] == [30.0, 30.0]
     assert mirrored_results["adam_l2_equal_windows"]["effective_batch_size"] == [32.0, 32.0]
+
+
+def test_skip_nonfinite_updates_skips_a_window_on_every_replica_when_one_replica_sees_a_nan(
+    mirrored_results,
+):
+    # Built and compiled in the scope, fit() outside it (docs/distributed.md)
+    # for the first epoch and inside it for the second; equal to plain Keras on
+    # the global big batch without the two poisoned windows of each epoch (one
+    # closed inside the step, one at the epoch's end).
+    result = mirrored_results["skip_nan_on_one_replica"]
+    assert result["updates"] == result["reference_updates"] == 4
+    assert result["difference"] <= RTOL
+    assert result["skipped_updates"] == [2, 4]
+    # Each applied update held a window of 32.
+    assert result["effective_batch_size"] == [32.0, 32.0]
+
+
+def test_a_mid_window_save_resumes_exactly_on_every_replica(mirrored_results):
+    # Each replica rounds its own half-precision accumulator: the checkpoint
+    # keeps every replica's share, not only their sum.
+    result = mirrored_results["resume_bfloat16"]
+    assert result["pending"] == 3
+    assert result["updates"] == 2
+    assert result["difference"] == 0.0
+
+
+def test_micro_batch_size_under_mirrored_strategy_is_plain_keras_there(mirrored_results):
+    result = mirrored_results["in_step_adam_l2"]
+    assert result["replicas"] == 2
+    assert result["updates"] == result["reference_updates"]
+    assert result["difference"] <= RTOL
+    for name, values in result["reference_history"].items():
+        np.testing.assert_allclose(result["history"][name], values, rtol=1e-5, err_msg=name)
 
 
 def _free_loopback_port() -> int:
@@ -48,7 +104,8 @@ def _free_loopback_port() -> int:
 
 def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
     # Two worker processes on loopback ports, one replica each; 60 samples in
-    # global micro-batches of 8 and windows of 4 (the last one short).
+    # global micro-batches of 8 and windows of 4 (the last one short). Also
+    # skip_nonfinite_updates with a NaN label on one worker.
     cluster = {"worker": [f"127.0.0.1:{_free_loopback_port()}" for _ in range(2)]}
     workers = []
     try:
@@ -66,3 +123,7 @@ def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
         assert result["workers"] == 2
         assert result["updates"] == result["reference_updates"] == 4
         assert result["difference"] <= RTOL
+        # skip_nonfinite_updates, a NaN on one worker: its window is skipped
+        # on both, as plain Keras without that window.
+        assert (result["skip_updates"], result["skipped_updates"]) == (2, 2)
+        assert result["skip_difference"] <= RTOL

@@ -81,6 +81,7 @@ def test_warmup_epochs_needs_a_known_epoch_length():
         model.fit(
             forever(),
             epochs=1,
+            shuffle=False,
             verbose=0,
             callbacks=[accum_keras.AccumulationCallback(warmup_epochs=1)],
         )

@@ -13,11 +13,13 @@ import collections
 import importlib.util
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
 import time
 
+import background
 import numpy as np
 import pytest
 from helpers import RTOL
@@ -48,17 +50,29 @@ def _last_json_line(stdout: str) -> dict:
 # -- ModelParallel on eight host devices -----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_parallel(tmp_path_factory):
-    env = _jax_env(tmp_path_factory.mktemp("model_parallel"))
+def _model_parallel_command(scratch) -> tuple[list[str], dict[str, str]]:
+    env = _jax_env(scratch)
     flags = env.get("XLA_FLAGS", "")
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
     command = [sys.executable, os.path.join(BACKENDS, "jax_model_parallel_worker.py")]
     if importlib.util.find_spec("keras_hub") is None:
         command.append("--no-keras-hub")
-    completed = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
+    return command, env
+
+
+def background_jobs(scratch, items):
+    """The eight-device worker, started when collection ends (tests/background.py)."""
+    if importlib.util.find_spec("jax") is not None and any(
+        "model_parallel" in getattr(item, "fixturenames", ()) for item in items
+    ):
+        return {"jax_model_parallel": _model_parallel_command(pathlib.Path(scratch))}
+    return {}
+
+
+@pytest.fixture(scope="module")
+def model_parallel(tmp_path_factory):
+    command, env = _model_parallel_command(tmp_path_factory.mktemp("model_parallel"))
+    completed = background.result("jax_model_parallel", command, env, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = _last_json_line(completed.stdout)
     assert results["devices"] == 8
@@ -107,6 +121,26 @@ def test_lora_accumulates_only_the_lora_weights(model_parallel):
     # `enable_lora` on the query and value projections of the one block:
     # two factors each, and nothing else trainable.
     assert case["lora_variables"] == len(case["variables"]) == 4
+
+
+@pytest.mark.parametrize("key", ["broad", "narrow"])
+def test_batch_norm_window_statistics_take_the_moving_statistics_layout(model_parallel, key):
+    case = model_parallel[f"batch_norm_{key}"]
+    assert "error" not in case, case.get("error")
+    for specs in (case["specs"], case["converted_specs"]):
+        # A scalar has no axis to shard: replicated, whatever the key matches.
+        assert specs["window_count"] == []
+        assert specs["window_mean"] == specs["moving_mean"] == ["model"]
+        assert specs["window_m2"] == specs["moving_variance"]
+        assert specs["moving_variance"] == (["model"] if key == "broad" else [None])
+
+
+@pytest.mark.parametrize("key", ["broad", "narrow"])
+def test_batch_norm_under_a_layout_map_stores_the_big_batch_statistics(model_parallel, key):
+    case = model_parallel[f"batch_norm_{key}"]
+    assert "error" not in case, case.get("error")
+    assert case["moved"] > 1e-2  # the window did move the statistics
+    assert case["difference"] <= 1e-5, case["difference"]
 
 
 def _counts(collectives: list) -> collections.Counter:
@@ -214,3 +248,61 @@ def test_two_jax_processes_train_like_plain_keras_on_the_global_big_batch(tmp_pa
         assert result["effective_batch_size"] == [30.0, 30.0]
     for mine, theirs in zip(results[0]["weights"], results[1]["weights"], strict=True):
         np.testing.assert_array_equal(mine, theirs)
+
+
+# -- micro_batch_size on eight host devices ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def in_step(tmp_path_factory):
+    env = _jax_env(tmp_path_factory.mktemp("in_step"))
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+    command = [sys.executable, os.path.join(BACKENDS, "jax_in_step_worker.py")]
+    completed = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = _last_json_line(completed.stdout)
+    assert results["devices"] == 8
+    return results["cases"]
+
+
+IN_STEP_CASES = ["data_parallel", "model_parallel"]
+
+
+@pytest.mark.parametrize("name", IN_STEP_CASES)
+def test_micro_batch_size_under_a_distribution_is_plain_keras_there(in_step, name):
+    case = in_step[name]
+    assert case["updates"] == case["reference_updates"]
+    assert case["difference"] <= RTOL
+    np.testing.assert_allclose(case["loss"], case["reference_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", IN_STEP_CASES)
+def test_the_in_step_carry_keeps_the_variables_layout(in_step, name):
+    case = in_step[name]
+    assert case["accumulator_specs"] == case["variable_specs"]
+    if name == "model_parallel":
+        assert any(entry is not None for entry in sum(case["variable_specs"], []))
+
+
+@pytest.mark.parametrize("name", IN_STEP_CASES)
+def test_the_in_step_train_step_moves_no_input_between_devices(in_step, name):
+    case = in_step[name]
+    moving = ("all-gather", "all-to-all", "collective-permute")
+    assert not [c for c in case["collectives"] if c[1] in ("all-to-all", "collective-permute")]
+    # A gather of an input (or of micro-batches of it) ends in its features.
+    gathered = [shape for shape, kind in case["collectives"] if kind in moving]
+    input_features = {shape.split(",")[-1] for shape in case["input_shapes"]}
+    assert not [shape for shape in gathered if shape.split(",")[-1] in input_features]
+    # What the step gathers is what plain Keras' step gathers (the sharded
+    # model's activations), for a micro-batch instead of the whole batch.
+    batch, micro = (int(shape.split(",")[0]) for shape in case["input_shapes"][::2])
+
+    def per_micro_batch(shape):
+        rows, *rest = shape.split(",")
+        return ",".join([str(int(rows) * micro // batch), *rest])
+
+    plain = [per_micro_batch(s) for s, kind in case["plain_collectives"] if kind in moving]
+    assert sorted(gathered) == sorted(plain)

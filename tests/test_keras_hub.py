@@ -119,6 +119,17 @@ def test_bert_text_classifier_is_exact_and_reloads(tmp_path):
     _assert_same_weights(from_preset, accumulating)
 
 
+def test_a_misspelt_option_on_a_keras_hub_task_is_refused_naming_the_option_meant():
+    # The task's own arguments (backbone, num_classes, preprocessor, dropout)
+    # and Keras' (name) pass; its loading from a config and a preset is
+    # `test_bert_text_classifier_is_exact_and_reloads`.
+    with pytest.raises(TypeError, match=r"`accumulation_step`\. Did you mean `accumulation_steps`"):
+        bert(AccumBertTextClassifier, accumulation_step=K, name="classifier")
+    assert (
+        bert(AccumBertTextClassifier, accumulation_steps=K, name="classifier").name == "classifier"
+    )
+
+
 def _assert_same_weights(model, reference):
     for actual, expected in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_array_equal(actual, expected)

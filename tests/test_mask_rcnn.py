@@ -89,6 +89,36 @@ def test_accumulated_update_equals_big_batch_update(tiny_data, num_images):
     assert relative < 1e-3, relative
 
 
+def test_in_step_update_equals_big_batch_update(tiny_data):
+    """micro_batch_size=2 on a fit() batch of 16 == one plain step of batch 16,
+    and the model really runs on micro-batches of 2."""
+    keras.utils.set_random_seed(0)
+    in_step = MaskRCNN(TINY, micro_batch_size=2)
+    big_batch = MaskRCNN(TINY, accumulation_steps=1)
+    big_batch.set_weights(in_step.get_weights())
+    before = [v.numpy() for v in in_step.trainable_variables]
+    batch_sizes = []
+    call = in_step.call
+
+    def spy(inputs, *args, **kwargs):
+        batch_sizes.append(inputs["images"].shape[0])
+        return call(inputs, *args, **kwargs)
+
+    in_step.call = spy
+    for model in (in_step, big_batch):
+        model.compile(optimizer=keras.optimizers.SGD(0.05), jit_compile=False)
+        model.fit(shapes.make_dataset(tiny_data, 16), epochs=1, verbose=0, shuffle=False)
+
+    assert 2 in batch_sizes and 16 not in batch_sizes, batch_sizes
+    assert int(in_step.optimizer.iterations.numpy()) == 1
+    update_a, update_b = (
+        np.concatenate([(v.numpy() - v0).ravel() for v0, v in zip(before, m.trainable_variables)])
+        for m in (in_step, big_batch)
+    )
+    relative = np.linalg.norm(update_a - update_b) / np.linalg.norm(update_b)
+    assert relative < 1e-5, relative
+
+
 def test_progress_estimate_leaves_out_the_tracing_window(capsys):
     """The time-left estimate uses only steps after the first window: its first
     step traces the accumulating step and its last one the update (here 50 s
@@ -127,6 +157,23 @@ def test_train_smoke_staged(tmp_path):
     }
     assert all(0.0 <= v <= 1.0 for v in summary["metrics"].values())
     assert (tmp_path / "predictions.png").stat().st_size > 1000
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_train_smoke_in_step_mode(tmp_path):
+    """`--mode in-step`: fit() gets batches of micro_batch x accumulation_steps,
+    one update per step; the same number of updates as the streaming mode."""
+    settings = train.settings_from_args(["--smoke", "--mode", "in-step", "--num-train", "16"])
+    settings = dataclasses.replace(
+        settings, stages=settings.stages[-1:], num_val=4, output_dir=str(tmp_path)
+    )
+    assert settings.fit_batch == 8
+    summary = train.train(settings, verbose=0)
+
+    (stage,) = summary["history"]
+    assert stage["optimizer_updates"] == 16 // 8
+    assert all(math.isfinite(v) for v in stage["loss"])
+    assert summary["effective_batch_size"] == 8
     assert (tmp_path / "summary.json").exists()
 
 

@@ -68,7 +68,8 @@ def test_a_window_with_a_non_finite_gradient_is_skipped_and_counted(policy):
     model = accum_keras.Model(*layers(), accumulation_steps=K)
     model.compile(keras.optimizers.SGD(0.05), loss="mse")
     initial = [w.copy() for w in model.get_weights()]
-    start_scale = float(model.optimizer.dynamic_scale.numpy()) if model.optimizer.built else None
+    # The optimizer is built by fit(); its scale starts at the configured one.
+    start_scale = model.optimizer.initial_scale
     model.fit(x[:16], y[:16], batch_size=MICRO, shuffle=False, verbose=0)
     state = model._accumulation_state
     assert int(state.skipped_updates.numpy()) == 1
@@ -76,7 +77,7 @@ def test_a_window_with_a_non_finite_gradient_is_skipped_and_counted(policy):
     np.testing.assert_array_equal(model.get_weights()[0], initial[0])
     assert model.pending_micro_steps == 0  # nothing carried into the next window
     scale = float(model.optimizer.dynamic_scale.numpy())
-    assert start_scale is None or scale == start_scale / 2
+    assert scale == start_scale / 2
     # The next window trains normally.
     model.fit(x[16:], y[16:], batch_size=MICRO, shuffle=False, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 1
@@ -99,3 +100,24 @@ def test_skipped_updates_are_logged(policy):
         callbacks=[accum_keras.AccumulationCallback(lr_scaling=None)],
     ).history
     assert history["skipped_updates"] == [1]
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
+def test_skip_nonfinite_updates_with_a_loss_scale_optimizer_skips_once_and_halves_the_scale(
+    policy,
+):
+    # Both would skip the window: it is counted once, and the loss-scale
+    # optimizer still sees the non-finite gradient (its scale halves).
+    x, y = regression_data(samples=32)
+    x[5, 0] = np.inf  # the first window
+    keras.utils.set_random_seed(0)
+    model = accum_keras.Model(*layers(), accumulation_steps=K, skip_nonfinite_updates=True)
+    model.compile(keras.optimizers.SGD(0.05), loss="mse")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    initial = model.get_weights()
+    model.fit(x[:16], y[:16], batch_size=MICRO, shuffle=False, verbose=0)
+    assert int(model._accumulation_state.skipped_updates.numpy()) == 1
+    assert float(model.optimizer.dynamic_scale.numpy()) == model.optimizer.initial_scale / 2
+    assert int(model.optimizer.iterations.numpy()) == 0
+    for weight, start in zip(model.get_weights(), initial):
+        np.testing.assert_array_equal(weight, start)

@@ -81,3 +81,28 @@ def test_keras_tensorflow_sparse_big_batch_is_not_the_dense_update(name):
     train(dense, x, y, MICRO * K, OPTIMIZERS[name])
     # Far above round-off: Keras squares each token occurrence.
     assert max_relative_difference(sparse.get_weights(), dense.get_weights()) > 1000 * RTOL
+
+
+class AdamWithARequiredArgument(keras.optimizers.Adam):
+    """An optimizer that its config cannot rebuild (an argument it does not record)."""
+
+    def __init__(self, tag, **kwargs):
+        super().__init__(**kwargs)
+        self.tag = tag
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="only TensorFlow has sparse gradients"
+)
+def test_sparse_gradients_meeting_an_optimizer_that_cannot_be_rebuilt_still_warn():
+    # Whether its sparse update differs cannot be measured on a copy: it may.
+    optimizer = AdamWithARequiredArgument("mine", learning_rate=0.01)
+    with pytest.raises(TypeError):
+        AdamWithARequiredArgument.from_config(optimizer.get_config())
+    x, y = tokens(samples=2 * MICRO * K)
+    keras.utils.set_random_seed(0)
+    model = embedding_model(dense_gradient=False, accumulation_steps=K)
+    model.compile(optimizer=optimizer, loss="mse")
+    with pytest.warns(accum_keras.SparseUpdateWarning, match="AdamWithARequiredArgument"):
+        model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 2

@@ -22,6 +22,9 @@ def forward(
     accumulation_steps: Any,
     sum_over_replicas: Callable[[Any], Any] = lambda value: value,
     num_replicas: int = 1,
+    track_loss: bool = True,
+    window_divisor: Any = None,
+    reference_divisor: Any = None,
 ):
     """Runs the model and its loss on one micro-batch and weighs it into the window.
 
@@ -36,6 +39,12 @@ def forward(
         is_first: boolean tensor, whether the micro-batch opens a window.
         accumulation_steps: ``k`` (see `_window.micro_batch_weights`).
         sum_over_replicas, num_replicas: see `_window.micro_batch_weights`.
+        track_loss: whether to update the loss tracker with this
+            micro-batch's loss (False in the in-step mode, which logs the
+            whole batch's loss once per step).
+        window_divisor, reference_divisor: the window's values so far, when
+            they are not the window state's (the in-step mode carries them
+            in its loop).
 
     Returns:
         ``(y_pred, weights)``: the predictions and the `_window.MicroBatchWeights`.
@@ -44,15 +53,16 @@ def forward(
     y_pred = model(x, training=True) if _keras_internals.call_has_training_arg(model) else model(x)
     with _loss_terms.recorded_terms(_keras_internals.compile_loss(model)) as terms:
         loss = _keras_internals.compute_loss(model, x, y, y_pred, sample_weight, training=True)
-    _keras_internals.loss_tracker(model).update_state(
-        _keras_internals.unscale_loss_for_distribution(loss), sample_weight=samples
-    )
+    if track_loss:
+        _keras_internals.loss_tracker(model).update_state(
+            _keras_internals.unscale_loss_for_distribution(loss), sample_weight=samples
+        )
     weights = _window.micro_batch_weights(
         loss,
         terms,
         samples,
-        state.window_divisor.value,
-        state.reference_divisor.value,
+        state.window_divisor.value if window_divisor is None else window_divisor,
+        state.reference_divisor.value if reference_divisor is None else reference_divisor,
         is_first,
         accumulation_steps=accumulation_steps,
         sum_over_replicas=sum_over_replicas,

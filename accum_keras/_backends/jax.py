@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -47,7 +48,8 @@ from keras import tree
 from keras.optimizers.schedules import LearningRateSchedule
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _keras_internals, _loss_terms, _state, _window
+from accum_keras import _apply, _keras_internals, _loss_terms, _overwrite, _state, _window
+from accum_keras import _split as _splitting
 
 _SCALAR_NAMES = tuple(name for name, _ in _state._SCALARS)
 
@@ -293,20 +295,73 @@ def train_step(model, state, data, may_apply: bool = True):
     Returns:
         ``(logs, state)``.
     """
-    window_state = model._accumulation_state
-    if not window_state.built or not window_state.follows(model.trainable_variables):
-        raise RuntimeError(
-            "accum_keras: the accumulators do not match the model's trainable "
-            "variables. Call `model.make_train_function(force=True)` before "
-            "calling the train function directly."
-        )
-    optimizer = model.optimizer
+    _check_accumulators_follow(model)
     trainable, non_trainable, optimizer_and_window, metrics = state
     optimizer_values, window, _, read_only_values = _split(model, optimizer_and_window)
     window["accumulation_steps"] = read_only_values[0]
     x, y, sample_weight = unpack_x_y_sample_weight(data)
-    samples = num_samples(x)
     is_first = window["micro_step"] == 0
+    loss, y_pred, non_trainable, metrics, window, _ = _accumulate_micro_batch(
+        model,
+        trainable,
+        non_trainable,
+        metrics,
+        optimizer_values,
+        window,
+        data,
+        is_first,
+        window["accumulation_steps"],
+    )
+    steps = window.pop("accumulation_steps")
+
+    if may_apply:
+        read_only = [steps, *read_only_values[1:]]
+        trainable, non_trainable, optimizer_values, window = _cond(
+            window["micro_step"] >= steps,
+            lambda t, n, o, w: apply_window_values(model, t, n, o, w, read_only),
+            lambda t, n, o, w: (list(t), list(n), list(o), w),
+            list(trainable),
+            list(non_trainable),
+            optimizer_values,
+            window,
+        )
+
+    logs, metrics = _keras_internals.update_metrics_variables(
+        model, metrics, loss, x, y, y_pred, sample_weight
+    )
+    optimizer_and_window = optimizer_values + _join(window) + read_only_values
+    return logs, (trainable, non_trainable, optimizer_and_window, metrics)
+
+
+def _accumulate_micro_batch(
+    model,
+    trainable,
+    non_trainable,
+    metrics,
+    optimizer_values,
+    window,
+    data,
+    is_first,
+    accumulation_steps,
+):
+    """Adds one micro-batch's gradient and counts to the window's values.
+
+    Args:
+        model: the `AccumulatingModel`.
+        trainable, non_trainable, metrics, optimizer_values: the step's values.
+        window: the written window values by role (see `_unpack`).
+        data: the micro-batch.
+        is_first: boolean, whether it opens the window.
+        accumulation_steps: ``k`` of `_window.micro_batch_weights`.
+
+    Returns:
+        ``(loss, y_pred, non_trainable, metrics, window, weights)``: Keras' loss of
+        the micro-batch, its predictions, the new values and the
+        `_window.MicroBatchWeights`.
+    """
+    optimizer = model.optimizer
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    samples = num_samples(x)
 
     def objective_fn(trainable, non_trainable, metrics, layer_statistics):
         y_pred, non_trainable, losses, layer_statistics = _forward(
@@ -335,70 +390,170 @@ def train_step(model, state, data, may_apply: bool = True):
             window["window_divisor"],
             window["reference_divisor"],
             is_first,
-            accumulation_steps=window["accumulation_steps"],
+            accumulation_steps=accumulation_steps,
         )
         mapping = list(zip(optimizer.variables, optimizer_values))
         with keras.StatelessScope(state_mapping=mapping):
             objective = optimizer.scale_loss(weights.objective)
-        aux = (
-            loss,
-            y_pred,
-            non_trainable,
-            metrics,
-            layer_statistics,
-            weights.divisor,
-            weights.reference_divisor,
-        )
-        return objective, aux
+        # Arrays only: the aux output of `value_and_grad` is a pytree.
+        fields = dataclasses.astuple(weights)
+        return objective, (loss, y_pred, non_trainable, metrics, layer_statistics, fields)
 
     grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
     (_, aux), gradients = grad_fn(trainable, non_trainable, metrics, window["layer_statistics"])
-    loss, y_pred, non_trainable, metrics, layer_statistics, divisor, reference = aux
+    loss, y_pred, non_trainable, metrics, layer_statistics, fields = aux
+    weights = _window.MicroBatchWeights(*fields)
 
     # A loss-scaling optimizer's scale is constant within a window: the
     # accumulators hold scaled gradients and the optimizer unscales (and
     # checks) the window's sum, exactly as it would a single gradient.
+    # Half-precision accumulators hold them unscaled (see `_add`).
+    with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_values))):
+        loss_scale = _loss_scale(optimizer)
     window = dict(window)
     window["layer_statistics"] = layer_statistics
     window["gradients"] = [
-        _add(accumulated, gradient) for accumulated, gradient in zip(window["gradients"], gradients)
+        # A variable Keras overwrites with its gradient keeps the window
+        # maximum (`accum_keras._overwrite`).
+        _overwrite.window_maximum(accumulated, gradient, is_first)
+        if _overwrite.is_overwritten(variable)
+        else _add(accumulated, gradient, loss_scale)
+        for accumulated, gradient, variable in zip(
+            window["gradients"], gradients, model._accumulation_state.accumulated_variables
+        )
     ]
-    window["window_divisor"] = window["window_divisor"] + divisor
-    window["reference_divisor"] = reference.astype(window["reference_divisor"].dtype)
+    window["window_divisor"] = window["window_divisor"] + weights.divisor
+    window["reference_divisor"] = weights.reference_divisor.astype(
+        window["reference_divisor"].dtype
+    )
     window["window_samples"] = window["window_samples"] + samples
     window["samples_seen"], window["samples_seen_blocks"] = _state.count_samples(
         window["samples_seen"], window["samples_seen_blocks"], samples
     )
     window["micro_step"] = window["micro_step"] + 1
-    steps = window.pop("accumulation_steps")
+    return loss, y_pred, non_trainable, metrics, window, weights
 
-    if may_apply:
-        read_only = [steps, *read_only_values[1:]]
-        trainable, non_trainable, optimizer_values, window = _cond(
-            window["micro_step"] >= steps,
-            lambda t, n, o, w: apply_window_values(model, t, n, o, w, read_only),
-            lambda t, n, o, w: (list(t), list(n), list(o), w),
-            list(trainable),
-            list(non_trainable),
+
+def split_train_step(model, state, data):
+    """The in-step mode: the whole batch's step, run as micro-batches in a loop.
+
+    The full micro-batches of `accum_keras._split` (stacked by stride, so a
+    batch sharded along its first axis stays sharded in each of them) are
+    accumulated by one `jax.lax.scan`, whose carry holds the accumulators,
+    the window's counters, the non-trainable values and the metrics; the
+    remainder micro-batch follows; then the window is applied, with no
+    condition. The loss tracker is updated once, with the batch's loss and
+    size, as Keras' step does; the compiled metrics per micro-batch (sums
+    over samples).
+
+    Returns:
+        ``(logs, state)``.
+    """
+    _check_accumulators_follow(model)
+    trainable, non_trainable, optimizer_and_window, metrics = state
+    optimizer_values, window, _, read_only_values = _split(model, optimizer_and_window)
+    size = model.micro_batch_size
+    x, _, _ = unpack_x_y_sample_weight(data)
+    batch = num_samples(x)
+    full, remainder = _splitting.counts(batch, size)
+    count = full + (remainder > 0)
+
+    def accumulate(carry, micro_batch, is_first):
+        non_trainable, metrics, window, objective_sum, divisor_sum = carry
+        _, y_pred, non_trainable, metrics, window, weights = _accumulate_micro_batch(
+            model,
+            trainable,
+            non_trainable,
+            metrics,
             optimizer_values,
             window,
+            micro_batch,
+            is_first,
+            count,
+        )
+        mx, my, sample_weight = unpack_x_y_sample_weight(micro_batch)
+        metrics = _update_compiled_metrics(model, metrics, mx, my, y_pred, sample_weight)
+        return (
+            non_trainable,
+            metrics,
+            window,
+            objective_sum + weights.objective.astype("float32"),
+            divisor_sum + weights.local_divisor.astype("float32"),
         )
 
-    logs, metrics = _keras_internals.update_metrics_variables(
-        model, metrics, loss, x, y, y_pred, sample_weight
+    zero = jnp.zeros((), "float32")
+    carry = (list(non_trainable), list(metrics), window, zero, zero)
+    if full:
+        stacked = _splitting.stacked_full_micro_batches(data, full, size)
+
+        def body(carry, scanned):
+            index, micro_batch = scanned
+            return accumulate(carry, micro_batch, index == 0), None
+
+        carry, _ = jax.lax.scan(body, carry, (jnp.arange(full), stacked))
+    if remainder:
+        micro_batch = _splitting.remainder_micro_batch(data, full, size)
+        carry = accumulate(carry, micro_batch, jnp.asarray(full == 0))
+    non_trainable, metrics, window, objective_sum, divisor_sum = carry
+    loss = _window.split_step_loss(objective_sum, window["reference_divisor"], divisor_sum)
+
+    trainable, non_trainable, optimizer_values, window = apply_window_values(
+        model,
+        list(trainable),
+        non_trainable,
+        optimizer_values,
+        window,
+        read_only_values,
     )
+    mapping = list(zip(model.metrics_variables, metrics))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        _keras_internals.loss_tracker(model).update_state(loss, sample_weight=batch)
+        logs = model.get_metrics_result()
+    metrics = [_current(scope, variable) for variable in model.metrics_variables]
     optimizer_and_window = optimizer_values + _join(window) + read_only_values
     return logs, (trainable, non_trainable, optimizer_and_window, metrics)
 
 
-def _add(accumulated, gradient):
+def _update_compiled_metrics(model, metrics, x, y, y_pred, sample_weight) -> list:
+    """Stateless ``compute_metrics`` on one micro-batch (not the loss tracker)."""
+    mapping = list(zip(model.metrics_variables, metrics))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        model.compute_metrics(x, y, y_pred, sample_weight)
+    return [_current(scope, variable) for variable in model.metrics_variables]
+
+
+def _current(scope, variable):
+    value = scope.get_current_value(variable)
+    return variable.value if value is None else value
+
+
+def _check_accumulators_follow(model) -> None:
+    window_state = model._accumulation_state
+    if not window_state.built or not window_state.follows(model.trainable_variables):
+        raise RuntimeError(
+            "accum_keras: the accumulators do not match the model's trainable "
+            "variables. Call `model.make_train_function(force=True)` before "
+            "calling the train function directly."
+        )
+
+
+def _add(accumulated, gradient, loss_scale):
     """``accumulated + gradient`` in the accumulator's dtype.
 
     A half-precision accumulator gets the float32 sum rounded once, not the
-    gradient rounded and then the sum.
+    gradient rounded and then the sum, and the gradient unscaled first: a
+    loss-scaled gradient above ~2 exceeds float16's range.
     """
     wide = _summing_dtype(accumulated)
-    return (accumulated.astype(wide) + gradient.astype(wide)).astype(accumulated.dtype)
+    if wide == accumulated.dtype:
+        return accumulated + gradient.astype(wide)
+    unscaled = gradient.astype(wide) / loss_scale.astype(wide)
+    return (accumulated.astype(wide) + unscaled).astype(accumulated.dtype)
+
+
+def _loss_scale(optimizer):
+    """The factor ``optimizer.scale_loss`` multiplies a loss by, in float32 (1 without one)."""
+    return jnp.asarray(optimizer.scale_loss(jnp.float32(1.0)), jnp.float32)
 
 
 def _summing_dtype(accumulated):
@@ -511,12 +666,18 @@ def apply_window_values(
         token = _SCOPE.set((scope, [variable for variable, _ in mapping]))
         try:
             scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
-            gradients = [
-                (accumulator.value.astype(_summing_dtype(accumulator.value)) * scale).astype(
-                    variable.dtype
-                )
-                for accumulator, variable in zip(state.gradients, state.accumulated_variables)
-            ]
+            # Half-precision accumulators hold unscaled gradients (`_add`): scaled
+            # back, the optimizer unscales what it is given as for a plain step.
+            half_scale = scale * _loss_scale(model.optimizer)
+            gradients = []
+            for accumulator, variable in zip(state.gradients, state.accumulated_variables):
+                if _overwrite.is_overwritten(variable):
+                    # A window maximum is handed over as it is (`accum_keras._overwrite`).
+                    gradients.append(accumulator.value)
+                    continue
+                wide = _summing_dtype(accumulator.value)
+                factor = scale if wide == accumulator.value.dtype else half_scale
+                gradients.append((accumulator.value.astype(wide) * factor).astype(variable.dtype))
             _apply.apply_window(model, [(model.optimizer, gradients, state.accumulated_variables)])
         finally:
             _SCOPE.reset(token)

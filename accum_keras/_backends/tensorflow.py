@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _keras_internals, _sparse, _window
+from accum_keras import _apply, _keras_internals, _overwrite, _sparse, _split, _window
 from accum_keras._backends import _stateful
 
 #: The step assigns variables: a user-written ``train_step``'s optimizer
@@ -123,7 +123,7 @@ def accumulate_micro_batch(model, data):
     gradients = tape.gradient(objective, variables)
     model._accumulation_has_gradient = [g is not None for g in gradients]
     _sparse.record_sparse_gradients(model, variables, gradients)
-    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first)
+    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first, variables)
 
     # The counters wait for the data (see `after_data`: unknown-length datasets).
     with after_data(x):
@@ -139,6 +139,152 @@ def accumulate_micro_batch(model, data):
         # fails for scalars (plain Keras models crash there too).
         logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
     return logs
+
+
+def split_train_step(model, data):
+    """The in-step mode: the whole batch's step, run as micro-batches in a loop.
+
+    Splits the batch (`accum_keras._split`), accumulates each full
+    micro-batch in a `tf.while_loop` (one traced body, whatever the number of
+    micro-batches; it compiles under XLA), then the remainder micro-batch,
+    and applies the step's window through `apply_window`. The loss tracker is
+    updated once, with the batch's loss and size, as Keras' step does; the
+    compiled metrics are updated per micro-batch (each is a sum over samples,
+    so the step adds what the whole batch adds).
+
+    Under a distribution strategy each replica splits its own batch, and the
+    loop stays local to the replica: a synchronization inside it (an
+    all-reduce, or a write of a mirrored variable) would need a
+    ``merge_call``, which TensorFlow does not allow inside control flow. So
+    the loop weighs each micro-batch by the replica's own divisors (its
+    ``D_ref`` is its own), carries their sum, and the one all-reduce of the
+    step (the divisors' global sum) comes after it; each replica then scales
+    its accumulators by its ``D_ref`` over the global divisor, and
+    ``optimizer.apply`` sums the replicas' gradients as in plain Keras. The
+    window's counters are written once, after the loop.
+
+    Returns:
+        The step's logs, as Keras' ``train_step`` returns them.
+    """
+    model._prepare_accumulation_while_tracing(data)
+    state = model._accumulation_state
+    size = model.micro_batch_size
+    x, _, _ = unpack_x_y_sample_weight(data)
+    first = next(leaf for leaf in tree.flatten(x) if leaf is not None)
+    # A static batch size (XLA, fixed-size datasets) decides the split while
+    # tracing; a `None` one (graphs without XLA) at run time.
+    batch = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+    full, remainder = _split.counts(batch, size)
+    if tf.is_tensor(full):
+        has_remainder = remainder > 0
+        count = full + tf.cast(has_remainder, full.dtype)
+    else:
+        has_remainder = bool(remainder)
+        count = full + int(has_remainder)
+
+    def run(micro_batch, index, sums):
+        objective, divisor, reference = _accumulate_split_micro_batch(
+            model, micro_batch, index, count, divisor_so_far=sums[1], reference=sums[2]
+        )
+        return sums[0] + objective, sums[1] + divisor, reference
+
+    def body(index, *sums):
+        micro_batch = _split.full_micro_batch(data, index, full, size)
+        return (index + 1, *run(micro_batch, index, sums))
+
+    zero = tf.constant(0.0)
+    start = tf.zeros_like(full) if tf.is_tensor(full) else tf.constant(0)
+    _, *sums = tf.while_loop(
+        lambda index, *_: index < full,
+        body,
+        (start, zero, zero, tf.constant(1.0)),
+        # The body writes the accumulators: one micro-batch at a time.
+        parallel_iterations=1,
+    )
+
+    def run_remainder():
+        return run(_split.remainder_micro_batch(data, full, size), full, sums)
+
+    if tf.is_tensor(has_remainder):
+        sums = tf.cond(has_remainder, run_remainder, lambda: tuple(sums))
+    elif has_remainder:
+        sums = run_remainder()
+    objective_sum, divisor_sum, reference = sums
+
+    window_divisor = _sum_over_replicas(divisor_sum)
+    samples = num_samples(x)
+    global_samples = _sum_over_replicas(samples)
+    state.window_divisor.assign(window_divisor)
+    state.reference_divisor.assign(reference)
+    state.window_samples.assign(global_samples)
+    state.add_samples_seen(global_samples)
+    state.micro_step.assign(tf.cast(count, tf.int32))
+    loss = _window.split_step_loss(objective_sum, reference, divisor_sum)
+    _keras_internals.loss_tracker(model).update_state(loss, sample_weight=samples)
+    apply_window(model, scale=_window.update_scale(window_divisor, reference))
+    logs = model.get_metrics_result()
+    if _keras_internals.in_multi_worker_mode(model.distribute_strategy):
+        logs = tree.map_structure(lambda v: tf.reshape(v, [-1]) if v.shape.rank == 0 else v, logs)
+    return logs
+
+
+def _accumulate_split_micro_batch(model, data, index, count, divisor_so_far, reference):
+    """Adds one micro-batch of a split step to the replica's accumulators.
+
+    Touches only replica-local state (the accumulators, the metrics), see
+    `split_train_step`.
+
+    Args:
+        model: the `AccumulatingModel`.
+        data: the micro-batch.
+        index: its place in the step (0 opens the window).
+        count: the number of micro-batches in the step (``k`` of
+            `_window.micro_batch_weights`: a step of equal micro-batches
+            then gives each backward pass the whole batch's scale).
+        divisor_so_far: the replica's divisors of the step's earlier
+            micro-batches.
+        reference: the step's ``D_ref`` (set by micro-batch 0).
+
+    Returns:
+        ``(objective, divisor, reference)`` as float32 scalars: the
+        micro-batch's objective and the replica's divisor (for the step's
+        loss and update scale) and the step's ``D_ref``.
+    """
+    state = model._accumulation_state
+    optimizer = model.optimizer
+    replicas = _num_replicas(model)
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    samples = num_samples(x)
+    is_first = tf.equal(index, 0)
+    with tf.GradientTape() as tape:
+        y_pred, weights = _stateful.forward(
+            model,
+            x,
+            y,
+            sample_weight,
+            samples,
+            is_first,
+            accumulation_steps=count,
+            num_replicas=replicas,
+            track_loss=False,
+            window_divisor=divisor_so_far,
+            reference_divisor=reference,
+        )
+        loss_scale = _loss_scale(optimizer)
+        objective = weights.objective
+        if loss_scale is not None:
+            objective = objective * tf.cast(loss_scale, objective.dtype)
+    variables = state.accumulated_variables
+    gradients = tape.gradient(objective, variables)
+    model._accumulation_has_gradient = [g is not None for g in gradients]
+    _sparse.record_sparse_gradients(model, variables, gradients)
+    _accumulate(state.gradients, gradients, loss_scale, replicas, is_first, variables)
+    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    return (
+        tf.cast(weights.objective, tf.float32),
+        tf.cast(weights.divisor, tf.float32),
+        tf.cast(weights.reference_divisor, tf.float32),
+    )
 
 
 @contextlib.contextmanager
@@ -213,12 +359,16 @@ class TrainFunction:
             and not _apply.is_loss_scale_optimizer(model.optimizer)
         )
         if separate:
-            # Each traced once, shared by both programs.
+            # Each traced once, shared by both programs. Without AutoGraph,
+            # as Keras traces its own steps (`do_not_convert`): the step runs
+            # the user's `call()` and losses as plain Keras does, so their
+            # errors keep their types (AutoGraph wraps them in `StagingError`),
+            # and nothing in them is converted that Keras leaves as it is.
             jit_compile = bool(model.jit_compile)
             accumulate_step = tf.function(
-                accumulate_step, jit_compile=jit_compile, reduce_retracing=True
+                accumulate_step, jit_compile=jit_compile, reduce_retracing=True, autograph=False
             )
-            update_step = tf.function(update_step, jit_compile=jit_compile)
+            update_step = tf.function(update_step, jit_compile=jit_compile, autograph=False)
 
         def accumulate_then_update_when_full(data):
             logs = accumulate_step(data)
@@ -285,15 +435,19 @@ def _loss_scale(optimizer):
     return None
 
 
-def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first) -> None:
+def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first, variables) -> None:
     """Adds a micro-batch's gradients to the accumulators.
 
     The first micro-batch of a window overwrites them instead, so applying a
     window needs no zeroing pass: zeroing every accumulator at once would
     materialize a full-size zero tensor per accumulator, one more copy of the
-    weights at peak memory.
+    weights at peak memory. Variables Keras overwrites with their gradient
+    keep the window maximum instead (`accum_keras._overwrite`).
     """
-    pairs = [(a, g) for a, g in zip(accumulators, gradients) if g is not None]
+    pairs, maxima = [], []
+    for a, g, v in zip(accumulators, gradients, variables):
+        if g is not None:
+            (maxima if _overwrite.is_overwritten(v) else pairs).append((a, g))
 
     def unscaled(values, dtype="float32"):
         values = tf.cast(values, _summing_dtype(dtype))
@@ -307,11 +461,14 @@ def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first) ->
             if isinstance(gradient, tf.IndexedSlices) and replicas == 1:
                 if overwrite:
                     accumulator.assign(tf.zeros_like(accumulator.value))
-                accumulator.value.scatter_add(
-                    tf.IndexedSlices(
-                        unscaled(gradient.values, dtype), gradient.indices, gradient.dense_shape
+                if _summing_dtype(dtype) == dtype:
+                    accumulator.value.scatter_add(
+                        tf.IndexedSlices(
+                            unscaled(gradient.values, dtype), gradient.indices, gradient.dense_shape
+                        )
                     )
-                )
+                else:
+                    _add_rows_rounded_once(accumulator, gradient, unscaled)
             elif overwrite:
                 accumulator.assign(unscaled(tf.convert_to_tensor(gradient), dtype))
             elif _summing_dtype(dtype) == dtype:
@@ -324,9 +481,29 @@ def _accumulate(accumulators, gradients, loss_scale, replicas: int, is_first) ->
                     tf.convert_to_tensor(gradient)
                 )
                 accumulator.assign(tf.cast(total, dtype))
+        for accumulator, value in maxima:
+            # Neither unscaled nor summed: a value, not a gradient.
+            accumulator.assign(
+                _overwrite.window_maximum(accumulator.value, value, tf.constant(overwrite))
+            )
         return tf.constant(True)
 
     tf.cond(is_first, lambda: write(overwrite=True), lambda: write(overwrite=False))
+
+
+def _add_rows_rounded_once(accumulator, gradient, unscaled) -> None:
+    """Adds sparse rows to a half-precision accumulator by the dense rounding rule.
+
+    A token's occurrences are summed in float32 with the rows they update, and
+    each touched row is rounded once: adding occurrence by occurrence in half
+    precision would round after every one (docs/performance.md).
+    """
+    rows, positions = tf.unique(gradient.indices)
+    sums = tf.math.unsorted_segment_sum(unscaled(gradient.values), positions, tf.shape(rows)[0])
+    total = tf.cast(tf.gather(accumulator.value, rows), "float32") + sums
+    accumulator.value.scatter_update(
+        tf.IndexedSlices(tf.cast(total, accumulator.dtype), rows, gradient.dense_shape)
+    )
 
 
 def _window_is_full(state):
@@ -357,10 +534,12 @@ def _apply_and_report(model):
     return tf.constant(True)
 
 
-def apply_window(model) -> None:
+def apply_window(model, scale=None) -> None:
     """Hands the window's gradient to the optimizer and opens a new window.
 
-    Runs in replica context. Variables that received no gradient in the
+    Runs in replica context. ``scale`` is the factor from the accumulators to
+    the window's gradient, by default the window state's (the in-step mode
+    gives each replica its own, see `split_train_step`). Variables that received no gradient in the
     traced step get `None`, exactly as plain Keras passes them, so the
     optimizer skips them. The skip, statistics and counters are
     `accum_keras._apply.apply_window`'s.
@@ -370,14 +549,22 @@ def apply_window(model) -> None:
     has_gradient = getattr(model, "_accumulation_has_gradient", None)
     if has_gradient is None or len(has_gradient) != len(state.gradients):
         has_gradient = [True] * len(state.gradients)
-    scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
+    if scale is None:
+        scale = _window.update_scale(state.window_divisor.value, state.reference_divisor.value)
     loss_scale = _loss_scale(optimizer)
     if loss_scale is not None:
         # The optimizer unscales what it is given, as for a plain step.
         scale = scale * loss_scale
     gradients = [
-        # Scaled in float32 (half-precision accumulators too), cast once.
-        _scaled(accumulator.value, scale, variable.dtype) if present else None
+        # Scaled in float32 (half-precision accumulators too), cast once; a
+        # window maximum is handed over as it is (`accum_keras._overwrite`).
+        (
+            None
+            if not present
+            else accumulator.value
+            if _overwrite.is_overwritten(variable)
+            else _scaled(accumulator.value, scale, variable.dtype)
+        )
         for accumulator, variable, present in zip(
             state.gradients, state.accumulated_variables, has_gradient
         )
@@ -396,18 +583,37 @@ def _scaled(accumulated, scale, dtype):
     return tf.cast(tf.cast(accumulated, wide) * tf.cast(scale, wide), dtype)
 
 
+def _local_replicas(variable) -> tuple:
+    """The replicas' components of a replica-local variable, when all are in this process."""
+    value = variable.value
+    if not isinstance(value, tf.distribute.DistributedValues):
+        return ()
+    components = tuple(value.values)
+    replicas = value.distribute_strategy.num_replicas_in_sync
+    # Several workers: this process holds only its own replicas' shares.
+    return components if 1 < len(components) == replicas else ()
+
+
+def replica_values(variable) -> list | None:
+    """Each replica's share of a replica-local accumulator (for saving), or None."""
+    components = _local_replicas(variable)
+    return [component.numpy() for component in components] or None
+
+
+def assign_replica_values(variable, values) -> None:
+    """Gives each replica its saved share, when the replicas are as many as when saved.
+
+    Otherwise the accumulator keeps the even split of the saved sum that
+    ``assign`` made.
+    """
+    components = _local_replicas(variable)
+    if len(components) == len(values):
+        for component, value in zip(components, values):
+            component.assign(value)
+
+
 def check_skip_nonfinite_supported(model) -> None:
-    """Refuses ``skip_nonfinite_updates`` where the update cannot be made conditional."""
-    if model.skip_nonfinite_updates and not (
-        _keras_internals.strategy_supports_no_merge_call()
-        or _apply.is_loss_scale_optimizer(model.optimizer)
-    ):
-        raise NotImplementedError(
-            "`skip_nonfinite_updates=True` is not supported under this tf.distribute "
-            "strategy (its optimizer update cannot run under a condition). Use a "
-            "LossScaleOptimizer (mixed precision), which skips non-finite windows "
-            "itself, or set skip_nonfinite_updates=False."
-        )
+    """Every strategy supports ``skip_nonfinite_updates`` (see `run_when`)."""
 
 
 def all_finite(gradients: Sequence[Any]):
@@ -435,6 +641,7 @@ def executing_eagerly() -> bool:
 
 def clear_accumulators(model) -> None:
     """Nothing to clear: a window's first micro-batch overwrites the accumulators."""
+    del model  # A body of its own: AutoGraph cannot convert a docstring-only function.
 
 
 def make_train_function(model) -> TrainFunction:
@@ -472,14 +679,48 @@ def make_apply_function(model):
     apply_pending = _ApplyPending(model)
     if model.run_eagerly:
         return apply_pending
-    return tf.function(apply_pending)
+    # Without AutoGraph, as Keras' own steps: the window's end is graph code,
+    # and converting it logs "could not transform" warnings under strategies.
+    return tf.function(apply_pending, autograph=False)
 
 
 def run_when(condition, function) -> None:
-    """Runs ``function`` (which returns nothing) when ``condition`` holds, inside the step."""
+    """Runs ``function`` (which returns nothing) when ``condition`` holds, inside the step.
+
+    ``condition`` must be equal on every replica (`all_finite` is global).
+    Under a strategy whose replicas synchronize through ``merge_call``
+    (`MirroredStrategy` on CPUs and GPUs), ``function`` may synchronize too
+    (``optimizer.apply`` all-reduces), which is not allowed under a
+    per-replica `tf.cond`: there the condition is decided in cross-replica
+    context and ``function`` run for each replica, as Keras'
+    `LossScaleOptimizer` decides its skip.
+    """
 
     def run():
         function()
         return tf.constant(True)
 
-    tf.cond(condition, run, lambda: tf.constant(False))
+    context = tf.distribute.get_replica_context()
+    if context is None or _keras_internals.strategy_supports_no_merge_call():
+        tf.cond(condition, run, lambda: tf.constant(False))
+        return
+
+    # Not converted by AutoGraph (as Keras' steps are not): the update is
+    # plain graph code, and converting it would log warnings about it.
+    @tf.autograph.experimental.do_not_convert
+    def run_own(own_function):
+        own_function()
+
+    @tf.autograph.experimental.do_not_convert
+    def decide_for_all_replicas(distribution, condition, function):
+        # ``function`` arrives as each replica's own (it closes over that
+        # replica's values), and each replica runs its own.
+        def run_on_every_replica():
+            distribution.extended.call_for_each_replica(run_own, args=(function,))
+            return tf.constant(True)
+
+        # Equal on every replica: the first one's value decides.
+        first = distribution.experimental_local_results(condition)[0]
+        tf.cond(first, run_on_every_replica, lambda: tf.constant(False))
+
+    context.merge_call(decide_for_all_replicas, args=(condition, function))

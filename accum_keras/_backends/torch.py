@@ -37,7 +37,7 @@ import torch
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from accum_keras import _apply, _state, _window
+from accum_keras import _apply, _keras_internals, _overwrite, _split, _state, _window
 from accum_keras._backends import _stateful
 
 #: The step assigns variables: a user-written ``train_step``'s optimizer
@@ -108,6 +108,63 @@ def train_step(model, data):
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
+def split_train_step(model, data):
+    """The in-step mode: the whole batch's step, run as micro-batches in a loop.
+
+    A Python loop over the micro-batches of `accum_keras._split` (the batch
+    size is known on the host), each accumulated as a streaming micro-batch
+    is (autograd adds into the accumulators), then one `apply_window`. The
+    loss tracker is updated once, with the batch's loss and size; the
+    compiled metrics per micro-batch (sums over samples).
+
+    Returns:
+        The step's logs, as Keras' ``train_step`` returns them.
+    """
+    model._prepare_accumulation_while_tracing(data)
+    state = model._accumulation_state
+    optimizer = model.optimizer
+    size = model.micro_batch_size
+    x, _, _ = unpack_x_y_sample_weight(data)
+    batch = num_samples(x)
+    full, remainder = _split.counts(batch, size)
+    micro_batches = [_split.full_micro_batch(data, index, full, size) for index in range(full)]
+    if remainder:
+        micro_batches.append(_split.remainder_micro_batch(data, full, size))
+    objective_sum = divisor_sum = 0.0
+    for index, micro_batch in enumerate(micro_batches):
+        mx, my, sample_weight = unpack_x_y_sample_weight(micro_batch)
+        samples = num_samples(mx)
+        y_pred, weights = _stateful.forward(
+            model,
+            mx,
+            my,
+            sample_weight,
+            samples,
+            torch.tensor(index == 0),
+            accumulation_steps=len(micro_batches),
+            track_loss=False,
+        )
+        _accumulate(model, optimizer.scale_loss(weights.objective))
+        with torch.no_grad():
+            state.window_divisor.value.add_(weights.divisor.detach())
+            state.reference_divisor.value.copy_(weights.reference_divisor.detach())
+            objective_sum = objective_sum + weights.objective.detach()
+            divisor_sum = divisor_sum + weights.local_divisor.detach()
+            model.compute_metrics(mx, my, y_pred, sample_weight=sample_weight)
+    with torch.no_grad():
+        state.window_samples.value.add_(batch)
+        low, blocks = _state.count_samples(
+            state.samples_seen.value, state.samples_seen_blocks.value, batch
+        )
+        state.samples_seen.value.copy_(low)
+        state.samples_seen_blocks.value.copy_(blocks)
+        state.micro_step.value.add_(len(micro_batches))
+        loss = _window.split_step_loss(objective_sum, state.reference_divisor.value, divisor_sum)
+        _keras_internals.loss_tracker(model).update_state(loss, sample_weight=batch)
+    apply_window(model)
+    return model.get_metrics_result()
+
+
 def _accumulate(model, objective) -> None:
     """Adds the gradient of ``objective`` to the accumulators."""
     state = model._accumulation_state
@@ -115,12 +172,21 @@ def _accumulate(model, objective) -> None:
     accumulators = [a.value for a in state.gradients]
     key = tuple(id(v) for v in state.accumulated_variables)
     known = getattr(state, "torch_has_gradient", None)
+    # A variable Keras overwrites with its gradient keeps the window maximum
+    # (`accum_keras._overwrite`): autograd must not add into it.
+    maxima = [_overwrite.is_overwritten(v) for v in state.accumulated_variables]
+    is_first = state.micro_step.value == 0  # a device tensor, no sync
     if not _can_alias(parameters, accumulators):
         gradients = torch.autograd.grad(objective, parameters, allow_unused=True)
+        loss_scale = _loss_scale(model.optimizer)
         with torch.no_grad():
-            for accumulator, gradient in zip(accumulators, gradients):
-                if gradient is not None:
-                    _add_(accumulator, gradient)
+            for accumulator, gradient, maximum in zip(accumulators, gradients, maxima):
+                if gradient is None:
+                    continue
+                if maximum:
+                    accumulator.copy_(_overwrite.window_maximum(accumulator, gradient, is_first))
+                else:
+                    _add_(accumulator, gradient, loss_scale)
         state.torch_has_gradient = (key, [g is not None for g in gradients])
         return
     # The first step after the variables changed also finds out which
@@ -134,10 +200,16 @@ def _accumulate(model, objective) -> None:
                     lambda _, index=index: received.__setitem__(index, True)
                 )
             )
-    for parameter, accumulator in zip(parameters, accumulators):
-        parameter.grad = accumulator
+    for parameter, accumulator, maximum in zip(parameters, accumulators, maxima):
+        parameter.grad = None if maximum else accumulator
     try:
         objective.backward()
+        with torch.no_grad():
+            for parameter, accumulator, maximum in zip(parameters, accumulators, maxima):
+                if maximum and parameter.grad is not None:
+                    accumulator.copy_(
+                        _overwrite.window_maximum(accumulator, parameter.grad, is_first)
+                    )
     finally:
         for parameter in parameters:
             parameter.grad = None
@@ -147,13 +219,22 @@ def _accumulate(model, objective) -> None:
         state.torch_has_gradient = (key, received)
 
 
-def _add_(accumulator, gradient) -> None:
-    """``accumulator += gradient``; a half-precision accumulator gets the float32 sum rounded once."""
+def _add_(accumulator, gradient, loss_scale) -> None:
+    """``accumulator += gradient``; a half-precision accumulator gets the float32 sum rounded once.
+
+    It also gets the gradient unscaled (in float32) first: a loss-scaled
+    gradient above ~2 exceeds float16's range.
+    """
     wide = _summing_dtype(accumulator)
     if wide == accumulator.dtype:
         accumulator.add_(gradient.to(accumulator.dtype))
     else:
-        accumulator.copy_(accumulator.to(wide) + gradient.to(wide))
+        accumulator.copy_(accumulator.to(wide) + gradient.to(wide) / loss_scale)
+
+
+def _loss_scale(optimizer):
+    """The factor ``optimizer.scale_loss`` multiplies a loss by, as a float32 tensor."""
+    return torch.as_tensor(optimizer.scale_loss(1.0), dtype=torch.float32)
 
 
 def _summing_dtype(accumulator):
@@ -191,13 +272,18 @@ def apply_window(model) -> None:
                 gradients.append(None)
                 continue
             accumulated = accumulator.value
-            if _summing_dtype(accumulated) == accumulated.dtype:
+            if _overwrite.is_overwritten(variable):
+                # A window maximum is handed over as it is (`accum_keras._overwrite`).
+                gradient = accumulated
+            elif _summing_dtype(accumulated) == accumulated.dtype:
                 gradient = accumulated.mul_(scale)
             else:
                 # Scaled in float32 and cast once (a half-precision product
                 # would round the scale first); in place when the variable
-                # has the accumulator's dtype.
-                gradient = accumulated.to(_summing_dtype(accumulated)) * scale
+                # has the accumulator's dtype. Scaled back by the loss scale
+                # (`_add_` unscaled): the optimizer unscales what it is given.
+                scale_back = scale * _loss_scale(model.optimizer)
+                gradient = accumulated.to(_summing_dtype(accumulated)) * scale_back
                 if variable.value.dtype == accumulated.dtype:
                     gradient = accumulated.copy_(gradient)
             if gradient.dtype != variable.value.dtype:

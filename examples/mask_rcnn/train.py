@@ -1,6 +1,7 @@
 """Train Mask R-CNN with gradient accumulation, on synthetic shapes or your COCO data.
 
     python examples/mask_rcnn/train.py            # quick demo
+    python examples/mask_rcnn/train.py --mode in-step   # the same, batches of 16 split in-step
     python examples/mask_rcnn/train.py --full     # staged training, more images and epochs
     python examples/mask_rcnn/train.py --train-json A.json --train-images DIR \
         --val-json B.json --val-images DIR --backbone resnet50 --image-size 512 \
@@ -8,7 +9,11 @@
 
 Micro-batches of 2 images, 8 micro-batches accumulated per update: every
 optimizer step sees 16 images, as if trained with batch 16. Training is plain
-``model.fit()``; ``accum_keras.AccumulatingModel`` does the accumulation.
+``model.fit()``; ``accum_keras.AccumulatingModel`` does the accumulation, in
+either mode: ``--mode streaming`` (the default) feeds ``fit()`` micro-batches
+of 2 and applies an update every 8 steps (``accumulation_steps=8``);
+``--mode in-step`` feeds batches of 16 and each step splits its batch into
+micro-batches of 2 (``micro_batch_size=2``) and applies one update.
 """
 
 import argparse
@@ -53,6 +58,10 @@ class Settings:
     num_val: int = 200
     micro_batch: int = 2
     accumulation_steps: int = 8
+    # "streaming": fit() gets micro-batches, an update every accumulation_steps
+    # steps; "in-step": fit() gets micro_batch * accumulation_steps images per
+    # step, split inside the step (micro_batch_size=micro_batch).
+    mode: str = "streaming"
     stages: tuple = (Stage("all layers", 1, 2e-3),)
     final_learning_rate_factor: float = 1.0  # cosine decay in the last stage
     optimizer: str = "adam"  # or "sgd" (plain SGD: traces much faster, for tests)
@@ -78,6 +87,15 @@ class Settings:
     @property
     def effective_batch(self):
         return self.micro_batch * self.accumulation_steps
+
+    @property
+    def fit_batch(self):
+        """Images per ``fit()`` step: a micro-batch, or in the in-step mode the whole update's."""
+        return self.effective_batch if self.mode == "in-step" else self.micro_batch
+
+    @property
+    def steps_per_update(self):
+        return 1 if self.mode == "in-step" else self.accumulation_steps
 
 
 PRESETS = {
@@ -166,7 +184,7 @@ def load_data(settings, verbose=2):
             config=config,
             train=shapes.make_dataset(
                 train_data,
-                settings.micro_batch,
+                settings.fit_batch,
                 shuffle_seed=settings.seed,
                 drop_remainder=False,  # train on every image
             ),
@@ -208,7 +226,7 @@ def load_data(settings, verbose=2):
     if cut:
         _log(verbose, f"note: kept the {max_instances} largest instances per image ({cut} cut)")
     train_ds = coco.make_dataset(
-        train_set, config.image_size, config.max_instances, settings.micro_batch,
+        train_set, config.image_size, config.max_instances, settings.fit_batch,
         shuffle_seed=settings.seed,
     )  # fmt: skip
     num_draw = min(8, len(val_set))
@@ -328,7 +346,7 @@ def train(settings, verbose=2):
     start = time.perf_counter()
     data = load_data(settings, verbose)  # bad data fails here, before any training
     config = data.config
-    model = MaskRCNN(config, accumulation_steps=settings.accumulation_steps)
+    model = build_model(config, settings)
     weights = f", weights {config.backbone_weights}" if config.backbone_weights else ""
     _log(
         verbose,
@@ -336,11 +354,17 @@ def train(settings, verbose=2):
         f"parameters), {data.description}, images {config.image_size}x{config.image_size}, "
         f"{data.num_train} training images per epoch, {data.num_val} held out",
     )
-    _log(
-        verbose,
-        f"micro-batch {settings.micro_batch} x accumulation_steps "
-        f"{settings.accumulation_steps} = effective batch {settings.effective_batch}",
-    )
+    if settings.mode == "in-step":
+        described = (
+            f"in-step mode: fit() batches of {settings.fit_batch}, each split into "
+            f"micro-batches of {settings.micro_batch} (micro_batch_size), one update per step"
+        )
+    else:
+        described = (
+            f"streaming mode: micro-batch {settings.micro_batch} x accumulation_steps "
+            f"{settings.accumulation_steps} = effective batch {settings.effective_batch}"
+        )
+    _log(verbose, described)
 
     history = []
     for i, stage in enumerate(settings.stages):
@@ -354,13 +378,16 @@ def train(settings, verbose=2):
             f"lr {stage.learning_rate:g}, {len(model.trainable_weights)} trainable tensors",
         )
         stage_start = time.perf_counter()
-        callbacks = [accum_keras.AccumulationCallback(lr_scaling=None)]
+        callbacks = []
+        if settings.mode == "streaming":
+            # Logs the effective batch size; the in-step mode's is fit()'s batch.
+            callbacks.append(accum_keras.AccumulationCallback(lr_scaling=None))
         if verbose:
             callbacks.append(
                 Progress(
-                    settings.micro_batch,
+                    settings.fit_batch,
                     data.num_train,
-                    warmup_steps=settings.accumulation_steps,
+                    warmup_steps=settings.steps_per_update,
                     seconds=settings.progress_seconds,
                 )
             )
@@ -394,7 +421,9 @@ def train(settings, verbose=2):
         "model": _jsonable(dataclasses.asdict(config)),
         "images_seen": images_seen,
         "optimizer_updates": sum(h["optimizer_updates"] for h in history),
-        "effective_batch_size": history[-1].get("effective_batch_size", [None])[-1],
+        "effective_batch_size": history[-1].get("effective_batch_size", [settings.effective_batch])[
+            -1
+        ],
         "final_loss": history[-1]["loss"][-1],
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - eval_start,
@@ -405,6 +434,13 @@ def train(settings, verbose=2):
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _log(verbose, "\n" + format_summary(summary, out))
     return summary
+
+
+def build_model(config, settings):
+    """The Mask R-CNN model, accumulating in ``settings.mode``."""
+    if settings.mode == "in-step":
+        return MaskRCNN(config, micro_batch_size=settings.micro_batch)
+    return MaskRCNN(config, accumulation_steps=settings.accumulation_steps)
 
 
 def save_weights(model, out):
@@ -427,8 +463,8 @@ def format_summary(summary, out):
             "== summary",
             (
                 f"images seen {summary['images_seen']}, optimizer updates "
-                f"{summary['optimizer_updates']}, effective batch size (from "
-                f"AccumulationCallback) {summary['effective_batch_size']}"
+                f"{summary['optimizer_updates']}, effective batch size "
+                f"{summary['effective_batch_size']}"
             ),
             (
                 f"final training loss {summary['final_loss']:.3f}, training "
@@ -486,6 +522,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--accumulation-steps", type=int, help="micro-batches per optimizer update (8)"
     )
+    parser.add_argument(
+        "--mode", choices=("streaming", "in-step"),
+        help="streaming (default): fit() gets micro-batches and accumulation_steps of them make "
+        "an update; in-step: fit() gets batches of micro-batch x accumulation-steps images, "
+        "each split into micro-batches inside the step (micro_batch_size)",
+    )  # fmt: skip
     parser.add_argument("--learning-rate", type=float, help="of every stage")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--output-dir")
@@ -522,6 +564,7 @@ def parse_args(argv=None):
             "num_val": args.num_val,
             "micro_batch": args.micro_batch,
             "accumulation_steps": args.accumulation_steps,
+            "mode": args.mode,
             "seed": args.seed,
             "output_dir": args.output_dir,
             "image_size": args.image_size,

@@ -177,6 +177,63 @@ def functional_case():
     return run("functional", distribution, build, dict(x=x, y=y), micro=8, batch=(x[:8], y[:8]))
 
 
+# -- AccumBatchNormalization under a LayoutMap key that matches it ----------------
+
+BN_KEYS = {"broad": ".*bn.*", "narrow": ".*bn/moving_mean"}
+
+
+def batch_norm_case(name):
+    """The layouts of a BatchNorm layer's window statistics, and one window's statistics.
+
+    A `LayoutMap` key ``("model",)`` that matches the layer (``broad``: all
+    its variables; ``narrow``: its moving mean only); the layer is made
+    directly and by `convert_batch_normalization`, under the distribution.
+    Zero learning rate: the one window of 4 micro-batches of 8 and plain
+    BatchNormalization's batch of 32 see the same inputs.
+    """
+    layout_map = keras.distribution.LayoutMap(mesh())
+    layout_map[BN_KEYS[name]] = ("model",)
+    distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(loc=1.0, scale=2.0, size=(32, 6)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+
+    def layers(norm):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        hidden = norm(momentum=0.5, name="bn")(keras.layers.Dense(8)(inputs))
+        return inputs, keras.layers.Dense(1)(hidden)
+
+    def statistics(model):
+        bn = model.get_layer("bn")
+        return [bn.moving_mean.numpy(), bn.moving_variance.numpy()]
+
+    def specs(model):
+        bn = model.get_layer("bn")
+        return {v.path.split("/")[-1]: spec(v) for v in bn.weights + bn.window_variables}
+
+    try:
+        with distribution.scope():
+            accumulating = accum_keras.Model(
+                *layers(accum_keras.layers.AccumBatchNormalization), accumulation_steps=K
+            )
+            plain = keras.Model(*layers(keras.layers.BatchNormalization))
+            plain.set_weights(accumulating.get_weights())
+            converted = accum_keras.layers.convert_batch_normalization(plain)
+            for model in (accumulating, plain):
+                model.compile(keras.optimizers.SGD(0.0), loss="mse")
+            accumulating.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+            plain.fit(x, y, batch_size=8 * K, shuffle=False, verbose=0)
+            return f"batch_norm_{name}", {
+                "specs": specs(accumulating),
+                "converted_specs": specs(converted),
+                "difference": max_relative_difference(statistics(accumulating), statistics(plain)),
+                "moved": max_relative_difference(statistics(plain), [np.zeros(8), np.ones(8)]),
+            }
+    except Exception as error:  # reported, so that the other cases still run
+        return f"batch_norm_{name}", {"error": repr(error)[-2000:]}
+
+
 # -- a KerasHub causal LM --------------------------------------------------------
 
 VOCABULARY, SEQUENCE, MICRO = 64, 8, 4
@@ -236,7 +293,7 @@ def gemma_case(lora_rank=None):
     return result
 
 
-cases = [functional_case()]
+cases = [functional_case(), *(batch_norm_case(name) for name in BN_KEYS)]
 if "--no-keras-hub" not in sys.argv:
     cases += [gemma_case(), gemma_case(lora_rank=2)]
 print(json.dumps({"devices": len(jax.devices()), "cases": dict(cases)}))

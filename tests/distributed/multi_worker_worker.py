@@ -49,6 +49,23 @@ with strategy.scope():
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
 dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_MICRO)
 model.fit(dataset, epochs=2, verbose=0)
+
+# `skip_nonfinite_updates` with a NaN label in one sample of the second
+# window (28 samples): on one worker only. The reference leaves that window out.
+poisoned = y.copy()
+poisoned[45] = np.nan
+keras.utils.set_random_seed(0)
+kept_reference = keras.Model(*layers())
+kept_reference.set_weights(initial)
+kept_reference.compile(keras.optimizers.Adam(0.01), loss="mse")
+kept_reference.fit(x[:32], y[:32], batch_size=GLOBAL_MICRO * K, epochs=2, shuffle=False, verbose=0)
+with strategy.scope():
+    skipping = accum_keras.Model(*layers(), accumulation_steps=K, skip_nonfinite_updates=True)
+    skipping.set_weights(initial)
+    skipping.compile(keras.optimizers.Adam(0.01), loss="mse")
+skipping.fit(
+    tf.data.Dataset.from_tensor_slices((x, poisoned)).batch(GLOBAL_MICRO), epochs=2, verbose=0
+)
 print(
     json.dumps(
         {
@@ -56,6 +73,11 @@ print(
             "difference": max_relative_difference(model.get_weights(), reference.get_weights()),
             "updates": int(model.optimizer.iterations.numpy()),
             "reference_updates": int(reference.optimizer.iterations.numpy()),
+            "skip_difference": max_relative_difference(
+                skipping.get_weights(), kept_reference.get_weights()
+            ),
+            "skip_updates": int(skipping.optimizer.iterations.numpy()),
+            "skipped_updates": int(skipping._accumulation_state.skipped_updates.numpy()),
         }
     )
 )

@@ -125,13 +125,16 @@ def masked_token_layers(vocabulary=20):
     return build
 
 
-def train_step_applying_its_gradients(model, data):
+def train_step_applying_its_gradients(model, data, scale_loss: bool = False):
     """A user-written ``train_step`` that hands its gradients to ``optimizer.apply`` itself.
 
     keras.io's custom-step style: a mean squared error over the micro-batch,
     differentiated with the backend's own tool (TensorFlow's ``GradientTape``,
     PyTorch's ``backward``). There is no such step on JAX, whose steps are
-    stateless functions.
+    stateless functions. With ``scale_loss`` it differentiates
+    ``optimizer.scale_loss(loss)`` (Keras' mixed-precision custom-step idiom;
+    ``optimizer.apply`` unscales). The loss is formed in the labels' dtype
+    (float32 under every dtype policy).
     """
     from keras import ops
 
@@ -144,14 +147,15 @@ def train_step_applying_its_gradients(model, data):
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            loss = ops.mean(ops.square(model(x, training=True) - y))
-        model.optimizer.apply(tape.gradient(loss, variables), variables)
+            loss = ops.mean(ops.square(ops.cast(model(x, training=True), y.dtype) - y))
+            scaled = model.optimizer.scale_loss(loss) if scale_loss else loss
+        model.optimizer.apply(tape.gradient(scaled, variables), variables)
     elif backend == "torch":
         import torch
 
         model.zero_grad()
-        loss = ops.mean(ops.square(model(x, training=True) - y))
-        loss.backward()
+        loss = ops.mean(ops.square(ops.cast(model(x, training=True), y.dtype) - y))
+        (model.optimizer.scale_loss(loss) if scale_loss else loss).backward()
         with torch.no_grad():
             model.optimizer.apply([v.value.grad for v in variables], variables)
     else:

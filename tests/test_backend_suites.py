@@ -51,6 +51,7 @@ SUITE = [
     "tests/test_keras_internals.py",
     "tests/test_composition_config.py",
     "tests/test_accumulator_dtype.py",
+    "tests/test_option_coverage.py",
     "tests/test_float8.py",
     "tests/test_first_contact_errors.py",
     "tests/test_micro_batch_size.py",

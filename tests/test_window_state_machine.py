@@ -11,8 +11,21 @@ Each example first draws a **configuration** of the kind users combine:
   `AccumBatchNormalization`), or none;
 - ``skip_nonfinite_updates``, with a few micro-batches whose label is NaN;
 - the `AccumulationCallback` settings its fits may use: a scaling rule, a
-  warmup, a ``base_batch_size``, an ``accumulation_schedule``; and the idiom
-  a user callback sets the learning rate with.
+  warmup, a ``base_batch_size``, an ``accumulation_schedule``, ``verbose``;
+  and the idiom a user callback sets the learning rate with;
+- Keras' side of the seam: the dtype policy (float32, mixed_float16,
+  mixed_bfloat16, bfloat16) with ``accumulator_dtype`` (float32, bfloat16,
+  float16, variable); every argument of the BatchNormalization layer
+  (momentum, epsilon, center/scale with their initializers, regularizers and
+  constraints, moving-statistics initializers, axis, ``synchronized`` on
+  TensorFlow); an `Embedding` with sparse gradients (TensorFlow:
+  IndexedSlices); the loss scaled by the optimizer's ``loss_scale_factor`` or
+  a `LossScaleOptimizer`, which the user step calls through
+  ``optimizer.scale_loss``.
+
+Every public keyword argument has an axis here: `tests/test_option_coverage.py`
+fails for one that has none. Combinations left out of the draw until a fix
+lands are marked in `configurations()` with the issue item that owns them.
 
 Then `hypothesis` drives it through random **events** (the rows of
 `accum_keras._lifecycle`): micro-batches by ``train_on_batch``; fits of one
@@ -26,11 +39,13 @@ The reference is written from the lifecycle table and the documentation
 alone, never from the library:
 
 - pending micro-batches are a list; when the table says a window is applied,
-  a plain Keras model (no BatchNormalization, no accum_keras) makes one
-  update on the concatenation of its micro-batches. BatchNormalization with
-  ``center=False, scale=False`` normalizes each micro-batch by its own
-  statistics and has no weights, so the reference feeds the plain model each
-  micro-batch normalized by hand in NumPy;
+  a plain Keras model (no BatchNormalization, no accum_keras) under the same
+  dtype policy, optimizer and loss scaling makes one update on the
+  concatenation of its micro-batches. BatchNormalization normalizes each
+  micro-batch by its own statistics, so the reference feeds the plain model
+  each micro-batch normalized by hand in NumPy, through a plain ``Affine``
+  layer (``x * gamma + beta``) with BatchNormalization's gamma and beta
+  arguments;
 - a window with a non-finite micro-batch under ``skip_nonfinite_updates`` is
   dropped: no update, ``skipped_updates`` + 1, AccumBatchNormalization
   untouched (docs/window.md, docs/batch-norm.md);
@@ -54,8 +69,10 @@ at first, cut to 120/20 to keep CI's time; at 120 the test found the loaded
 window of a ``super().train_step`` step applied wrongly (fixed in 35486b1).
 It was not cut further: no measurement yet says which smaller budget still
 kills the mutants of ``tools/mutation_score.py``, and the README's test
-command runs the JAX and PyTorch suites alongside this one, so the test's
-time (204 s in issue 21's run) is no longer added to theirs. Each example's number
+command runs the JAX and PyTorch suites alongside this one. The Keras axes
+were added without raising it: each example now draws more at once instead.
+Tolerances depend on the policy and the accumulator dtype
+(``POLICY_TOLERANCE``, with how they were measured). Each example's number
 is written to the terminal at least every 30 s (the ``progress`` fixture). The default run draws the
 same examples every time (a CI run fails for a change, not for a new draw);
 ``ACCUM_KERAS_STATE_MACHINE_EXPLORE=1`` draws new ones.
@@ -64,6 +81,7 @@ same examples every time (a CI run fails for a change, not for a new draw);
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -89,10 +107,8 @@ BACKEND = keras.backend.backend()
 MICRO = 3
 POOL = 24  # micro-batches of data, handed out round-robin
 FEATURES = 4
+VOCABULARY = 5  # token ids of the sparse-gradient Embedding, repeated within a micro-batch
 LEARNING_RATE = 0.05
-MOMENTUM = 0.5  # BatchNormalization's, so that moving statistics move visibly
-EPSILON = 1e-3
-TOLERANCE = 1e-5  # relative, over sequences of up to ~30 updates
 
 _DEFAULT_EXAMPLES = 120 if BACKEND == "tensorflow" else 20
 EXAMPLES = int(os.environ.get("ACCUM_KERAS_STATE_MACHINE_EXAMPLES", _DEFAULT_EXAMPLES))
@@ -100,19 +116,25 @@ EXAMPLES = int(os.environ.get("ACCUM_KERAS_STATE_MACHINE_EXAMPLES", _DEFAULT_EXA
 _rng = np.random.default_rng(0)
 X = _rng.normal(loc=0.5, scale=2.0, size=(POOL * MICRO, FEATURES)).astype("float32")
 Y = _rng.normal(size=(POOL * MICRO, 1)).astype("float32")
+# With the Embedding axis the inputs carry one more column: a token id (as a
+# float, so that every model kind keeps one input), which the model embeds.
+X_TOKENS = np.concatenate(
+    [X, _rng.integers(0, VOCABULARY, size=(POOL * MICRO, 1)).astype("float32")], axis=1
+)
 
 
 def rows_of(indices) -> np.ndarray:
     return np.concatenate([np.arange(i * MICRO, (i + 1) * MICRO) for i in indices])
 
 
-def normalized_by_hand(index: int) -> np.ndarray:
-    """Micro-batch ``index`` as BatchNormalization(center=False, scale=False) trains on it."""
-    x = X[rows_of([index])].astype("float64")
-    return ((x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + EPSILON)).astype("float32")
-
-
-X_NORMALIZED = np.concatenate([normalized_by_hand(i) for i in range(POOL)])
+@functools.cache
+def normalized_inputs(epsilon: float) -> np.ndarray:
+    """Every micro-batch as BatchNormalization normalizes it (before gamma and beta), in NumPy."""
+    parts = []
+    for index in range(POOL):
+        x = X[rows_of([index])].astype("float64")
+        parts.append((x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + epsilon))
+    return np.concatenate(parts).astype("float32")
 
 
 # -- configurations --------------------------------------------------------------
@@ -122,6 +144,53 @@ KINDS = ["functional", "sequential", "subclass", "twin", "super_step"]
 if BACKEND in ("tensorflow", "torch"):
     # JAX's steps are stateless: a custom step there must end in super().train_step.
     KINDS.append("own_gradients_step")
+
+# mixed_float16 is left out until explained (reported, issue 20): in the
+# default draw a window under it ended 0.2 away from plain Keras' big batch
+# and update counts differed (TensorFlow and JAX; LossScaleOptimizer skips).
+POLICIES = ["float32", "mixed_bfloat16", "bfloat16"]
+ACCUMULATOR_DTYPES = ["float32", "bfloat16", "float16", "variable"]
+# How the loss is scaled: not at all, by the optimizer's `loss_scale_factor`
+# (the built-in step and the user step call `optimizer.scale_loss`), or by a
+# `LossScaleOptimizer` (also what `compile()` wraps in under mixed_float16).
+LOSS_SCALING = [None, "factor", "loss_scale_optimizer"]
+
+# Largest weight difference (relative to the largest weight) from the
+# reference. float32 is round-off over ~30 updates. Under a half compute
+# dtype the micro-batches' forward and backward passes round in float16
+# (2**-11) or bfloat16 (2**-8) where the big batch rounds other sums, and a
+# bfloat16 variable rounds every update; half accumulators round each
+# micro-batch's contribution once. Each bound is about four times the largest
+# difference measured in 150 explored examples on TensorFlow
+# (ACCUM_KERAS_STATE_MACHINE_EXPLORE=1 ACCUM_KERAS_STATE_MACHINE_MEASURE=FILE):
+# float32 2e-8; mixed_float16 1.8e-4, mixed_bfloat16 1.5e-3, bfloat16 9e-3
+# (float32 accumulators); float16 accumulators 2.1e-4, bfloat16 ones 1.4e-3
+# (float32 policy).
+POLICY_TOLERANCE = {
+    "float32": 1e-5,
+    "mixed_float16": 1e-3,
+    "mixed_bfloat16": 6e-3,
+    "bfloat16": 4e-2,
+}
+ACCUMULATOR_TOLERANCE = {"float32": 0.0, "float16": 1e-3, "bfloat16": 6e-3}
+# Moving statistics (relative, plus a tenth of it absolute): BatchNormalization
+# computes them in float32, but under a half policy from inputs already
+# rounded to the compute dtype, and under bfloat16 it stores them in bfloat16.
+# Measured as above: mixed_float16 8.7e-4, mixed_bfloat16 7.6e-3, bfloat16 7.2e-3.
+STATISTICS_TOLERANCE = {
+    "float32": 1e-5,
+    "mixed_float16": 4e-3,
+    "mixed_bfloat16": 3e-2,
+    "bfloat16": 3e-2,
+}
+
+
+def tolerance_of(config) -> float:
+    accumulator = config.accumulator_dtype
+    if accumulator == "variable":
+        # Each accumulator takes its variable's dtype: float32 except under bfloat16.
+        accumulator = "bfloat16" if config.policy == "bfloat16" else "float32"
+    return max(POLICY_TOLERANCE[config.policy], ACCUMULATOR_TOLERANCE[accumulator])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +202,7 @@ class Scaling:
     warmup_epochs: float
     base_batch_size: int | None
     schedule: dict[int, int] | None
+    verbose: int
 
     def callback(self) -> accum_keras.AccumulationCallback:
         return accum_keras.AccumulationCallback(
@@ -141,28 +211,110 @@ class Scaling:
             warmup_updates=self.warmup_updates,
             warmup_epochs=self.warmup_epochs,
             accumulation_schedule=self.schedule,
+            verbose=self.verbose,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm:
+    """The layer on the inputs and every argument it is given (drawn)."""
+
+    kind: str  # "plain" (keras) or "accum" (AccumBatchNormalization)
+    arguments: tuple[tuple[str, object], ...]
+
+    def get(self, name):
+        return dict(self.arguments)[name]
+
+    def layer(self):
+        layer_class = {
+            "plain": keras.layers.BatchNormalization,
+            "accum": accum_keras.layers.AccumBatchNormalization,
+        }[self.kind]
+        arguments = dict(self.arguments)
+        for name in ("gamma_initializer", "moving_variance_initializer"):
+            arguments[name] = _initializer(arguments[name])
+        return layer_class(name="bn", **arguments)
+
+    def initial_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """The moving mean and variance before training."""
+        mean = np.full(FEATURES, 1.0 if self.get("moving_mean_initializer") == "ones" else 0.0)
+        variance = np.full(
+            FEATURES, 0.5 if self.get("moving_variance_initializer") == "constant" else 1.0
+        )
+        return mean, variance
+
+    def with_kind(self, kind: str) -> BatchNorm:
+        return dataclasses.replace(self, kind=kind)
 
 
 @dataclasses.dataclass(frozen=True)
 class Configuration:
     kind: str
-    batch_norm: str | None  # None, "plain" (keras) or "accum" (AccumBatchNormalization)
+    batch_norm: BatchNorm | None
     skip_nonfinite: bool
     poisoned: frozenset[int]  # micro-batches whose labels are NaN
     accumulation_steps: int
+    accumulator_dtype: str
+    policy: str
+    embedding: bool  # an Embedding with sparse gradients (TensorFlow: IndexedSlices)
+    loss_scaling: str | None
     scaling: Scaling | None
     rate_idiom: str  # how a user callback sets the rate
     smallest_k: int  # the k drawn (resize, schedule) is at least this
+
+    def options(self, k: int) -> dict:
+        """The model options, as the constructors and `accumulate()` take them."""
+        return {
+            "accumulation_steps": k,
+            "skip_nonfinite_updates": self.skip_nonfinite,
+            "accumulator_dtype": self.accumulator_dtype,
+            # "micro_batch_size": ...,  # the in-step split (branch instep): its axis goes here
+        }
+
+
+def batch_norm_arguments(draw, regularized: bool) -> tuple[tuple[str, object], ...]:
+    """Every argument of (Accum)BatchNormalization that changes training, drawn.
+
+    ``center`` and ``scale`` add trainable beta and gamma, which the reference
+    trains in a plain `Affine` layer on the inputs normalized in NumPy.
+    Regularizers only where the step adds the model's losses (``regularized``).
+    """
+    regularizers = [None, "l2"] if regularized else [None]
+    arguments = {
+        "axis": draw(st.sampled_from([-1, 1])),  # the same axis on (batch, features)
+        "momentum": draw(st.sampled_from([0.5, 0.8])),
+        "epsilon": draw(st.sampled_from([1e-3, 1e-2])),
+        "center": draw(st.booleans()),
+        "scale": draw(st.booleans()),
+        "beta_initializer": draw(st.sampled_from(["zeros", "ones"])),
+        "gamma_initializer": draw(st.sampled_from(["ones", "constant"])),
+        "moving_mean_initializer": draw(st.sampled_from(["zeros", "ones"])),
+        "moving_variance_initializer": draw(st.sampled_from(["ones", "constant"])),
+        "beta_regularizer": draw(st.sampled_from(regularizers)),
+        "gamma_regularizer": draw(st.sampled_from(regularizers)),
+        "beta_constraint": draw(st.sampled_from([None, "non_neg"])),
+        "gamma_constraint": draw(st.sampled_from([None, "non_neg"])),
+        # Keras refuses `synchronized=True` on the other backends.
+        "synchronized": draw(st.booleans()) if BACKEND == "tensorflow" else False,
+    }
+    return tuple(sorted(arguments.items()))
 
 
 @st.composite
 def configurations(draw) -> Configuration:
     kind = draw(st.sampled_from(KINDS))
+    policy = draw(st.sampled_from(POLICIES))
+    accumulator_dtype = draw(st.sampled_from(ACCUMULATOR_DTYPES))
     skip = draw(st.booleans())
     # `skip_nonfinite_updates` acts on windows of k >= 2 (at k = 1 the model
     # runs Keras' own step, and a NaN reaches the weights as in plain Keras).
     smallest_k = 2 if skip else 1
+    if policy == "mixed_float16":
+        # Left out until explained (reported, issue 20): at k = 1 under
+        # mixed_float16 a functional model made 5 updates where plain Keras
+        # made 6 on the same 6 micro-batches (TensorFlow; a fit then
+        # train_on_batch).
+        smallest_k = 2
     steps = st.integers(smallest_k, 4)
     scaling = None
     if draw(st.booleans()):
@@ -177,15 +329,64 @@ def configurations(draw) -> Configuration:
             warmup_epochs=1.0 if warmup == "epochs" else 0.0,
             base_batch_size=draw(st.sampled_from([None, 2 * MICRO])),
             schedule=schedule,
+            verbose=draw(st.sampled_from([0, 1])),
         )
+    batch_norm_kinds = [None, "plain", "accum"]
+    if policy != "float32":
+        # Issue 20 item 1 (branch bn): AccumBatchNormalization under a half
+        # policy crashes at k >= 2.
+        batch_norm_kinds.remove("accum")
+    batch_norm_kind = draw(st.sampled_from(batch_norm_kinds))
+    batch_norm = None
+    if batch_norm_kind is not None:
+        # The user step that applies its own gradients differentiates its own
+        # loss, without `model.losses`.
+        # Under the bfloat16 policy plain Keras 3.15.1 itself fails to add a
+        # bfloat16 regularization loss to the float32 loss (InvalidArgumentError
+        # in `Pack`), on the big batch too.
+        regularized = kind != "own_gradients_step" and policy != "bfloat16"
+        batch_norm = BatchNorm(batch_norm_kind, batch_norm_arguments(draw, regularized))
+    # The reference normalizes the data in NumPy; a token column would be
+    # normalized with it, so the Embedding is drawn without BatchNormalization.
+    embedding = batch_norm is None and draw(st.booleans())
+    if embedding and BACKEND == "tensorflow" and accumulator_dtype != "float32":
+        # Issue 20 item 3 (branch precision): IndexedSlices are scatter-added
+        # in the half dtype, not summed in float32 and rounded once.
+        embedding = accumulator_dtype == "variable" and policy != "bfloat16"
+    loss_scaling = draw(st.sampled_from(LOSS_SCALING))
+    if kind == "own_gradients_step" and policy == "mixed_float16":
+        # Left out until explained (reported, issue 20): a step that applies
+        # its own gradients under mixed_float16 (LossScaleOptimizer) at k = 1
+        # made 15 updates where plain Keras' built-in step made 17 on the same
+        # micro-batches (TensorFlow).
+        policy = "mixed_bfloat16"
+    if embedding and BACKEND == "tensorflow" and (loss_scaling or policy == "mixed_float16"):
+        # Left out until explained: (a) with `loss_scale_factor`, Keras 3.15.1's
+        # own `optimizer.apply` divides an IndexedSlices by the factor
+        # (TypeError, plain Keras too: the model runs Keras' step at k = 1);
+        # (b) under mixed_float16 at k = 1 the model made 3 updates where plain
+        # Keras made 4 on the same 4 micro-batches (reported, issue 20).
+        embedding = False
+    if (
+        kind == "own_gradients_step"
+        and accumulator_dtype == "float16"
+        and (policy == "mixed_float16" or loss_scaling == "loss_scale_optimizer")
+    ):
+        # Issue 20 item 4 (branch precision): a user step's window is summed
+        # loss-scaled and overflows float16 accumulators.
+        accumulator_dtype = "float32"
     return Configuration(
         kind=kind,
-        batch_norm=draw(st.sampled_from([None, "plain", "accum"])),
+        batch_norm=batch_norm,
         skip_nonfinite=skip,
         poisoned=frozenset(draw(st.sets(st.integers(0, POOL - 1), min_size=1, max_size=2)))
         if skip
         else frozenset(),
         accumulation_steps=draw(steps),
+        accumulator_dtype=accumulator_dtype,
+        policy=policy,
+        embedding=embedding,
+        loss_scaling=loss_scaling,
         scaling=scaling,
         rate_idiom=draw(st.sampled_from(["setter", "assign"])),
         smallest_k=smallest_k,
@@ -195,37 +396,110 @@ def configurations(draw) -> Configuration:
 # -- the models under test ---------------------------------------------------------
 
 
-def batch_norm_layer(kind: str):
-    layer_class = {
-        "plain": keras.layers.BatchNormalization,
-        "accum": accum_keras.layers.AccumBatchNormalization,
-    }[kind]
-    # No weights: each micro-batch is normalized by its own statistics only,
-    # which the reference reproduces by hand.
-    return layer_class(center=False, scale=False, momentum=MOMENTUM, epsilon=EPSILON, name="bn")
+def _initializer(name):
+    # "constant" stands for an initializer object (saved as a config, not a name).
+    return keras.initializers.Constant(0.5) if name == "constant" else name
 
 
-def layer_stack(batch_norm: str | None) -> list:
-    stack = [] if batch_norm is None else [batch_norm_layer(batch_norm)]
+@keras.saving.register_keras_serializable(package="state_machine")
+class TokenFeatures(keras.layers.Layer):
+    """Embeds the last input column (a token id) and puts the vectors after the other columns."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = keras.layers.Embedding(VOCABULARY, 2, name="embedding")
+
+    def build(self, input_shape):
+        self.embedding.build((None,))
+
+    def call(self, x):
+        ids = keras.ops.cast(x[:, FEATURES], "int32")
+        vectors = keras.ops.cast(self.embedding(ids), x.dtype)
+        return keras.ops.concatenate([x[:, :FEATURES], vectors], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], FEATURES + 2)
+
+
+@keras.saving.register_keras_serializable(package="state_machine")
+class Affine(keras.layers.Layer):
+    """The reference's BatchNormalization on normalized inputs: ``x * gamma + beta``."""
+
+    def __init__(self, arguments, **kwargs):
+        super().__init__(**kwargs)
+        self.arguments = dict(arguments)
+
+    def build(self, input_shape):
+        arguments = self.arguments
+        for name, initializer, shown in (
+            ("gamma", "gamma_initializer", "scale"),
+            ("beta", "beta_initializer", "center"),
+        ):
+            if arguments[shown]:
+                setattr(
+                    self,
+                    name,
+                    self.add_weight(
+                        shape=(input_shape[-1],),
+                        name=name,
+                        initializer=_initializer(arguments[initializer]),
+                        regularizer=arguments[f"{name}_regularizer"],
+                        constraint=arguments[f"{name}_constraint"],
+                    ),
+                )
+
+    def call(self, x):
+        if self.arguments["scale"]:
+            x = x * keras.ops.cast(self.gamma, x.dtype)
+        if self.arguments["center"]:
+            x = x + keras.ops.cast(self.beta, x.dtype)
+        return x
+
+
+def layer_stack(config: Configuration, batch_norm: BatchNorm | None, reference=False) -> list:
+    """The model's layers; the reference's have a plain `Affine` in BatchNormalization's place."""
+    stack = []
+    if batch_norm is not None:
+        if not reference:
+            stack.append(batch_norm.layer())
+        elif batch_norm.get("center") or batch_norm.get("scale"):
+            stack.append(Affine(batch_norm.arguments, name="bn"))
+    if config.embedding:
+        stack.append(TokenFeatures(name="tokens"))
+    # Under a mixed policy the head computes in float32, as Keras' guide advises.
+    head_dtype = "float32" if config.policy.startswith("mixed") else None
     return stack + [
         keras.layers.Dense(6, activation="tanh", name="hidden"),
-        keras.layers.Dense(1, name="head"),
+        keras.layers.Dense(1, name="head", dtype=head_dtype),
     ]
 
 
-def functional_graph(batch_norm):
-    inputs = outputs = keras.Input((FEATURES,))
-    for layer in layer_stack(batch_norm):
+def input_width(config: Configuration) -> int:
+    return FEATURES + 1 if config.embedding else FEATURES
+
+
+def functional_graph(config, batch_norm, reference=False):
+    inputs = outputs = keras.Input((input_width(config),))
+    for layer in layer_stack(config, batch_norm, reference):
         outputs = layer(outputs)
     return inputs, outputs
 
 
+# Subclasses are cloned through their config: it names the configuration by key.
+_CONFIGURATIONS: dict[str, Configuration] = {}
+
+
 @keras.saving.register_keras_serializable(package="state_machine")
 class Subclassed(accum_keras.AccumulatingModel, keras.Model):
-    def __init__(self, batch_norm=None, **kwargs):
+    def __init__(self, configuration: str | Configuration = "", **kwargs):
         super().__init__(**kwargs)
-        self.batch_norm = batch_norm
-        self.stack = layer_stack(batch_norm)
+        if isinstance(configuration, Configuration):
+            key = repr(configuration)
+            _CONFIGURATIONS[key] = configuration
+            configuration = key
+        self.configuration = configuration
+        config = _CONFIGURATIONS[configuration]
+        self.stack = layer_stack(config, config.batch_norm)
 
     def call(self, x, training=None):
         for layer in self.stack:
@@ -233,7 +507,7 @@ class Subclassed(accum_keras.AccumulatingModel, keras.Model):
         return x
 
     def get_config(self):
-        return {**super().get_config(), "batch_norm": self.batch_norm}
+        return {**super().get_config(), "configuration": self.configuration}
 
 
 @keras.saving.register_keras_serializable(package="state_machine")
@@ -246,55 +520,82 @@ class SuperStep(Subclassed):
 
 @keras.saving.register_keras_serializable(package="state_machine")
 class OwnGradientsStep(Subclassed):
-    """A user step that applies its gradients itself (keras.io's VAE/GAN style)."""
+    """A user step that scales its loss and applies its gradients itself (keras.io's style)."""
 
     def train_step(self, data):
-        return train_step_applying_its_gradients(self, data)
+        return train_step_applying_its_gradients(self, data, scale_loss=True)
 
 
-def optimizer():
-    return keras.optimizers.SGD(LEARNING_RATE, momentum=0.9)
+def optimizer(config: Configuration):
+    factor = 4.0 if config.loss_scaling == "factor" else None
+    sgd = keras.optimizers.SGD(LEARNING_RATE, momentum=0.9, loss_scale_factor=factor)
+    if config.loss_scaling == "loss_scale_optimizer":
+        return keras.optimizers.LossScaleOptimizer(sgd)
+    return sgd
 
 
-def compile_model(model) -> None:
-    model.compile(optimizer(), loss="mse", run_eagerly=True)
+def uses_loss_scale_optimizer(config: Configuration) -> bool:
+    """Whether the model trains with a `LossScaleOptimizer` (compile() wraps under mixed_float16)."""
+    return config.loss_scaling == "loss_scale_optimizer" or config.policy == "mixed_float16"
 
 
-def new_model(config: Configuration, batch_norm: str | None, k: int):
+def compile_model(model, config: Configuration) -> None:
+    model.compile(optimizer(config), loss="mse", run_eagerly=True)
+
+
+def new_model(config: Configuration, batch_norm: BatchNorm | None, k: int):
     """A compiled accumulating model of the configuration's kind."""
-    options = {"accumulation_steps": k, "skip_nonfinite_updates": config.skip_nonfinite}
+    options = config.options(k)
     kind = config.kind
     if kind == "functional":
-        model = accum_keras.Model(*functional_graph(batch_norm), **options)
+        model = accum_keras.Model(*functional_graph(config, batch_norm), **options)
     elif kind == "sequential":
         model = accum_keras.Sequential(
-            [keras.Input((FEATURES,)), *layer_stack(batch_norm)], **options
+            [keras.Input((input_width(config),)), *layer_stack(config, batch_norm)], **options
         )
     elif kind == "twin":
-        base = keras.Model(*functional_graph(batch_norm))
-        compile_model(base)
-        model = accum_keras.accumulate(base, accumulation_steps=k)
-        # `accumulate()` takes no other option; the attribute is the model's own.
-        model.skip_nonfinite_updates = config.skip_nonfinite
-        return model
+        base = keras.Model(*functional_graph(config, batch_norm))
+        compile_model(base, config)
+        options.pop("accumulation_steps")
+        model = accum_keras.accumulate(base, k, **options)
     else:
         model_class = {
             "subclass": Subclassed,
             "super_step": SuperStep,
             "own_gradients_step": OwnGradientsStep,
         }[kind]
-        model = model_class(batch_norm=batch_norm, **options)
-        model(X[:MICRO])
-    compile_model(model)
+        model = model_class(config, **options)
+        model(inputs_of(config)[:MICRO])
+    compile_model(model, config)
     return model
+
+
+def inputs_of(config: Configuration) -> np.ndarray:
+    return X_TOKENS if config.embedding else X
 
 
 def updates(model) -> int:
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
-def dense_weights(model) -> list:
-    return [w for name in ("hidden", "head") for w in model.get_layer(name).get_weights()]
+TRAINED = ("bn", "tokens", "hidden", "head")
+
+
+def trained_weights(model) -> list:
+    """The weights the optimizer trains, layer by layer (the same list for the reference)."""
+    weights = []
+    for name in TRAINED:
+        try:
+            layer = model.get_layer(name)
+        except ValueError:
+            continue
+        for attribute in ("gamma", "beta", "embeddings", "kernel", "bias"):
+            variable = getattr(layer, attribute, None)
+            if attribute == "embeddings":
+                variable = getattr(getattr(layer, "embedding", None), "embeddings", None)
+            if variable is not None:
+                weights.append(variable)
+    return weights
 
 
 # -- user callbacks ------------------------------------------------------------------
@@ -317,13 +618,15 @@ class SetRate(keras.callbacks.Callback):
 
 
 class EvaluateMidEpoch(keras.callbacks.Callback):
-    def __init__(self, at_batch):
+    def __init__(self, at_batch, inputs):
         super().__init__()
-        self.at_batch = at_batch
+        self.at_batch, self.inputs = at_batch, inputs
 
     def on_train_batch_end(self, batch, logs=None):
         if batch == self.at_batch:
-            self.model.evaluate(X[: 2 * MICRO], Y[: 2 * MICRO], batch_size=MICRO, verbose=0)
+            self.model.evaluate(
+                self.inputs[: 2 * MICRO], Y[: 2 * MICRO], batch_size=MICRO, verbose=0
+            )
 
 
 class Interrupt(keras.callbacks.Callback):
@@ -378,14 +681,19 @@ class WindowLife(RuleBasedStateMachine):
     @initialize(config=configurations())
     def configure(self, config: Configuration):
         keras.utils.set_random_seed(1)
+        # Set for the example (models are rebuilt by its events), reset by `teardown`.
+        keras.config.set_dtype_policy(config.policy)
         self.config = config
+        self.inputs = inputs_of(config)
         self.k = config.accumulation_steps
         self.batch_norm = config.batch_norm
         self.frozen = False
         self.model = new_model(config, self.batch_norm, self.k)
-        self.plain = keras.Model(*functional_graph(None))
-        self.plain.set_weights(dense_weights(self.model))
-        compile_model(self.plain)
+        # The reference: plain Keras under the same policy, optimizer and loss scaling.
+        self.plain = keras.Model(*functional_graph(config, self.batch_norm, reference=True))
+        for reference, variable in zip(trained_weights(self.plain), trained_weights(self.model)):
+            reference.assign(variable)
+        compile_model(self.plain, config)
         # The reference's state, from the lifecycle table and the docs.
         self.plain_updates = 0
         self.pending: list[int] = []
@@ -398,8 +706,11 @@ class WindowLife(RuleBasedStateMachine):
         self.skipped = 0
         self.last_update_samples = 0
         self.applied_samples = 0  # in all applied updates
-        self.moving_mean = np.zeros(FEATURES)
-        self.moving_variance = np.ones(FEATURES)
+        if self.batch_norm is not None:
+            self.moving_mean, self.moving_variance = self.batch_norm.initial_statistics()
+
+    def teardown(self):
+        keras.config.set_dtype_policy("float32")
 
     # -- the reference ------------------------------------------------------------
 
@@ -426,7 +737,9 @@ class WindowLife(RuleBasedStateMachine):
             self.skipped += 1
             return
         rows = rows_of(window)
-        inputs = X_NORMALIZED if self.batch_norm else X
+        inputs = self.inputs
+        if self.batch_norm is not None:
+            inputs = normalized_inputs(self.batch_norm.get("epsilon"))
         self.plain.optimizer.learning_rate.assign(self.base_rate * self._multiplier())
         self.plain.train_on_batch(inputs[rows], Y[rows])
         self.plain_updates += 1
@@ -437,11 +750,12 @@ class WindowLife(RuleBasedStateMachine):
 
     def _move_statistics(self, x):
         x = x.astype("float64")
-        self.moving_mean = MOMENTUM * self.moving_mean + (1 - MOMENTUM) * x.mean(axis=0)
-        self.moving_variance = MOMENTUM * self.moving_variance + (1 - MOMENTUM) * x.var(axis=0)
+        momentum = self.batch_norm.get("momentum")
+        self.moving_mean = momentum * self.moving_mean + (1 - momentum) * x.mean(axis=0)
+        self.moving_variance = momentum * self.moving_variance + (1 - momentum) * x.var(axis=0)
 
     def _reference_add(self, index):
-        if self.batch_norm == "accum" and self.k > 1:
+        if self.batch_norm is not None and self.batch_norm.kind == "accum" and self.k > 1:
             self.pooled.append(index)
         elif self.batch_norm is not None:
             # Keras' BatchNormalization (and AccumBatchNormalization at k = 1)
@@ -458,7 +772,7 @@ class WindowLife(RuleBasedStateMachine):
 
     def _reference_new_optimizer(self):
         self.plain.get_layer("hidden").trainable = not self.frozen
-        compile_model(self.plain)
+        compile_model(self.plain, self.config)
         self.plain_updates = 0
         self.base_rate = LEARNING_RATE
 
@@ -480,7 +794,7 @@ class WindowLife(RuleBasedStateMachine):
     def train_on_batch(self, count):
         for index in self._next_indices(count):
             rows = rows_of([index])
-            self.model.train_on_batch(X[rows], self._labels(rows))
+            self.model.train_on_batch(self.inputs[rows], self._labels(rows))
             self._reference_add(index)
 
     @rule(
@@ -502,7 +816,7 @@ class WindowLife(RuleBasedStateMachine):
         if set_rate is not None:
             callbacks.append(SetRate(*set_rate, self.config.rate_idiom))
         if evaluate_at is not None:
-            callbacks.append(EvaluateMidEpoch(evaluate_at))
+            callbacks.append(EvaluateMidEpoch(evaluate_at, self.inputs))
         if ending != "epoch_end":
             callbacks.append(Interrupt(epochs - 1, last, stop=ending == "stop"))
         rows = rows_of(indices)
@@ -510,7 +824,7 @@ class WindowLife(RuleBasedStateMachine):
             warnings.simplefilter("ignore")
             try:
                 self.model.fit(
-                    X[rows],
+                    self.inputs[rows],
                     self._labels(rows),
                     batch_size=MICRO,
                     epochs=epochs,
@@ -577,7 +891,7 @@ class WindowLife(RuleBasedStateMachine):
                 logs["learning_rate"] = self.base_rate * self._multiplier()
                 if scaling.schedule is not None:
                     logs["accumulation_steps"] = float(self.k)
-                if self.config.skip_nonfinite:
+                if self.config.skip_nonfinite or uses_loss_scale_optimizer(self.config):
                     logs["skipped_updates"] = float(self.skipped)
             records.append((("epoch", epoch), logs))
         self.scaling = None  # outside its fit the optimizer has its own rate
@@ -597,6 +911,11 @@ class WindowLife(RuleBasedStateMachine):
     @rule(k=st.integers(1, 5))
     def resize(self, k):
         k = max(k, self.config.smallest_k)
+        if self.config.kind == "own_gradients_step" and self.pending:
+            # Left out until fixed (reported, issue 20): lowering k to 1 over an
+            # open window of a step that applies its own gradients applies it
+            # 4e-2 away from plain Keras on the same micro-batch (TF, PyTorch).
+            k = max(k, 2)
         self.model.accumulation_steps = k
         self._reference_resize(k)
 
@@ -606,7 +925,7 @@ class WindowLife(RuleBasedStateMachine):
         self.model.save_weights(path)
         fresh = new_model(self.config, self.batch_norm, self.k)
         fresh.get_layer("hidden").trainable = not self.frozen
-        compile_model(fresh)
+        compile_model(fresh, self.config)
         fresh.optimizer.build(fresh.trainable_variables)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -615,7 +934,7 @@ class WindowLife(RuleBasedStateMachine):
 
     @rule()
     def recompile(self):
-        compile_model(self.model)
+        compile_model(self.model, self.config)
         self._reference_apply()  # with the optimizer that accumulated it
         self._reference_new_optimizer()
 
@@ -623,7 +942,7 @@ class WindowLife(RuleBasedStateMachine):
     def toggle_freeze_and_recompile(self):
         self.frozen = not self.frozen
         self.model.get_layer("hidden").trainable = not self.frozen
-        compile_model(self.model)
+        compile_model(self.model, self.config)
         self._reference_apply()  # with the variables that opened the window
         self._reference_new_optimizer()
 
@@ -637,14 +956,18 @@ class WindowLife(RuleBasedStateMachine):
         # A subclass's layers are made by its code: the user freezes them again.
         clone.get_layer("hidden").trainable = not self.frozen
         clone.set_weights(self.model.get_weights())
-        compile_model(clone)
+        compile_model(clone, self.config)
         self._replace_model(clone)
         self._reference_new_optimizer()
         self.skipped = 0  # counted since the model was created
 
     @precondition(
         lambda self: (
-            self.batch_norm == "plain" and self.config.kind in ("functional", "sequential", "twin")
+            self.batch_norm is not None
+            and self.batch_norm.kind == "plain"
+            and self.config.kind in ("functional", "sequential", "twin")
+            # Issue 20 item 1 (branch bn): AccumBatchNormalization under a half policy.
+            and self.config.policy == "float32"
         )
     )
     @rule()
@@ -652,10 +975,10 @@ class WindowLife(RuleBasedStateMachine):
         self.model.apply_pending_window()
         self._reference_apply()
         converted = accum_keras.layers.convert_batch_normalization(self.model)
-        compile_model(converted)
+        compile_model(converted, self.config)
         self._replace_model(converted)
         self._reference_new_optimizer()
-        self.batch_norm = "accum"
+        self.batch_norm = self.batch_norm.with_kind("accum")
         self.skipped = 0
 
     # -- what must hold after every event -----------------------------------------------
@@ -668,12 +991,33 @@ class WindowLife(RuleBasedStateMachine):
         assert model.pending_micro_steps == len(self.pending)
         assert model.accumulation_steps == self.k
         assert updates(model) == self.plain_updates == updates(self.plain)
-        difference = max_relative_difference(dense_weights(model), self.plain.get_weights())
-        assert difference <= TOLERANCE, f"weights differ by {difference:.3g}"
+        difference = max_relative_difference(
+            numpy_values(trained_weights(model)), numpy_values(trained_weights(self.plain))
+        )
+        tolerance = tolerance_of(self.config)
+        if _MEASURE:
+            with open(_MEASURE, "a") as record:
+                print(self.config.policy, self.config.accumulator_dtype, difference, file=record)
+            tolerance = math.inf
+        assert difference <= tolerance, f"weights differ by {difference:.3g}"
         if self.batch_norm is not None:
-            moving_mean, moving_variance = model.get_layer("bn").get_weights()
-            np.testing.assert_allclose(moving_mean, self.moving_mean, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(moving_variance, self.moving_variance, rtol=1e-5, atol=1e-6)
+            layer = model.get_layer("bn")
+            tolerance = STATISTICS_TOLERANCE[self.config.policy]
+            for variable, expected in (
+                (layer.moving_mean, self.moving_mean),
+                (layer.moving_variance, self.moving_variance),
+            ):
+                actual = numpy_values([variable])[0]
+                if _MEASURE:
+                    error = np.max(np.abs(actual - expected) / (np.abs(expected) + 0.1))
+                    with open(_MEASURE, "a") as record:
+                        print(self.config.policy, "statistics", error, file=record)
+                    continue
+                np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance / 10)
+
+
+def numpy_values(variables) -> list[np.ndarray]:
+    return [keras.ops.convert_to_numpy(keras.ops.cast(v, "float32")) for v in variables]
 
 
 def _same_records(actual, expected) -> bool:
@@ -693,6 +1037,10 @@ def _same_records(actual, expected) -> bool:
 _DEVELOPMENT = (
     {"phases": [Phase.generate]} if os.environ.get("ACCUM_KERAS_STATE_MACHINE_NO_SHRINK") else {}
 )
+# ACCUM_KERAS_STATE_MACHINE_MEASURE=FILE records every weight difference (policy,
+# accumulator dtype, difference) in FILE instead of checking it: how the
+# tolerances were measured.
+_MEASURE = os.environ.get("ACCUM_KERAS_STATE_MACHINE_MEASURE")
 # The default run draws the same examples every time, so that a CI run fails
 # only for a change, never for a new draw; ACCUM_KERAS_STATE_MACHINE_EXPLORE=1
 # draws new ones (run it after changing the library, as often as time allows).

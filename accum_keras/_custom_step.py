@@ -386,7 +386,9 @@ def fills_open_window(model) -> bool:
     records its optimizers (`record_optimizers`) and leaves the window's loss
     divisor at 0 (only the built-in step sums loss divisors).
     """
-    if not is_active(model):
+    # Not `is_active`: the window may have been filled at k >= 2 and be
+    # applied now because k was just lowered to 1.
+    if user_train_step(model) is None or getattr(model, "_accumulation_step_delegates", False):
         return False
     if getattr(model, "_accumulation_custom_updates", None) is not None:
         return True

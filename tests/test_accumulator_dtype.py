@@ -128,6 +128,25 @@ def test_one_window_rounds_exactly_as_documented(policy, choice):
 
 
 @pytest.mark.parametrize("policy", ["bfloat16"], indirect=True)
+@pytest.mark.parametrize("scaling", ["factor", "loss_scale_optimizer"])
+def test_accumulators_of_the_variables_half_dtype_get_the_loss_scale_taken_off(policy, scaling):
+    # The accumulator has the variable's own dtype, so PyTorch could let
+    # autograd add into it in place; the rule is still the half-precision
+    # one: each micro-batch's gradient unscaled, summed in float32, rounded
+    # once. A power-of-two scale changes no rounding: the result is exact.
+    x, y = integer_data(high=8)
+    sgd = keras.optimizers.SGD(1.0, loss_scale_factor=4.0 if scaling == "factor" else None)
+    optimizer = (
+        sgd if scaling == "factor" else keras.optimizers.LossScaleOptimizer(sgd, initial_scale=4.0)
+    )
+    model = linear_model("variable", optimizer=optimizer)
+    model.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1
+    expected = simulated_kernel(x, y, ml_dtypes.bfloat16, ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(kernel_of(model), expected)
+
+
+@pytest.mark.parametrize("policy", ["bfloat16"], indirect=True)
 def test_float32_accumulators_on_a_bfloat16_model_are_the_default(policy):
     x, y = integer_data()
     default = linear_model()

@@ -243,8 +243,15 @@ def _summing_dtype(accumulator):
 
 
 def _can_alias(parameters, accumulators) -> bool:
+    # Not a half-precision accumulator: autograd would add the loss-scaled
+    # gradient into it in its own dtype, where `_add_` unscales and sums in
+    # float32 (and `apply_window` scales the window back as if it had).
     return all(
-        p.dtype == a.dtype and p.device == a.device and p.shape == a.shape and p.layout == a.layout
+        _summing_dtype(a) == a.dtype
+        and p.dtype == a.dtype
+        and p.device == a.device
+        and p.shape == a.shape
+        and p.layout == a.layout
         for p, a in zip(parameters, accumulators)
     )
 

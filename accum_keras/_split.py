@@ -41,6 +41,15 @@ def counts(batch_size: Any, micro_batch_size: int) -> tuple[Any, Any]:
     return batch_size // micro_batch_size, batch_size % micro_batch_size
 
 
+def _map_leaves(function: Any, data: Any) -> Any:
+    """``function`` applied to every array of ``data``; `None` leaves stay `None`.
+
+    `keras.tree.map_structure` hands `None` to the function (``train_on_batch``
+    passes a missing sample weight as `None`).
+    """
+    return tree.map_structure(lambda leaf: None if leaf is None else function(leaf), data)
+
+
 def _strided(leaf: Any, full: Any, micro_batch_size: int) -> Any:
     """The first ``full * m`` rows of ``leaf`` as ``[m, full, ...]``."""
     shape = ops.shape(leaf)
@@ -61,7 +70,7 @@ def full_micro_batch(data: Any, index: Any, full: Any, micro_batch_size: int) ->
     Returns:
         ``data`` with every leaf replaced by its ``m`` rows of the micro-batch.
     """
-    return tree.map_structure(
+    return _map_leaves(
         lambda leaf: ops.take(_strided(leaf, full, micro_batch_size), index, axis=1), data
     )
 
@@ -87,7 +96,7 @@ def stacked_full_micro_batches(data: Any, full: int, micro_batch_size: int) -> A
         axes = (1, 0, *range(2, len(strided.shape)))
         return ops.transpose(strided, axes)
 
-    return tree.map_structure(stack, data)
+    return _map_leaves(stack, data)
 
 
 def remainder_micro_batch(data: Any, full: Any, micro_batch_size: int) -> Any:
@@ -101,4 +110,4 @@ def remainder_micro_batch(data: Any, full: Any, micro_batch_size: int) -> Any:
     Returns:
         ``data`` with every leaf replaced by its last ``B - full * m`` rows.
     """
-    return tree.map_structure(lambda leaf: leaf[full * micro_batch_size :], data)
+    return _map_leaves(lambda leaf: leaf[full * micro_batch_size :], data)

@@ -345,3 +345,16 @@ def test_micro_batch_size_changes_between_fits():
     for model in (in_step, plain):
         model.fit(x, y, batch_size=12, epochs=1, shuffle=False, verbose=0)
     assert_same_training(in_step, plain)
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_train_on_batch_is_plain_keras_step_on_its_batch(run_eagerly):
+    # train_on_batch hands the step (x, y, None): the missing sample weight
+    # must stay missing in every micro-batch.
+    in_step, plain = twins(small_regression_layers(), 4)
+    x, y = regression_data(10)
+    for model in (in_step, plain):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", run_eagerly=run_eagerly)
+        for start in (0, 7):
+            model.train_on_batch(x[start : start + 7], y[start : start + 7])
+    assert_same_training(in_step, plain)

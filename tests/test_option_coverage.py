@@ -53,10 +53,8 @@ MODEL_OPTION_AXES: dict[str, Axis] = {
     "accumulation_steps": lambda config: config.accumulation_steps,
     "skip_nonfinite_updates": lambda config: config.skip_nonfinite,
     "accumulator_dtype": lambda config: config.accumulator_dtype,
-    # "micro_batch_size": lambda config: config.micro_batch_size,
-    #     the in-step split (branch instep): when it lands in MODEL_OPTIONS,
-    #     draw it in `configurations()`, return it from
-    #     `Configuration.options()` and uncomment this line.
+    # The mode axis: None is the streaming mode, an int the in-step mode.
+    "micro_batch_size": lambda config: config.micro_batch_size,
 }
 
 # `accumulate(model, accumulation_steps, **options)`: the twin kind calls it
@@ -133,6 +131,7 @@ DRAWN_FEATURES: dict[str, Callable[[Configuration], bool]] = {
     ),
     "save/load mid-window": lambda config: True,  # an event of every example
     "user-written `train_step`": lambda config: config.kind in ("super_step", "own_gradients_step"),
+    "in-step mode (`micro_batch_size`)": lambda config: config.micro_batch_size is not None,
 }
 # The other rows of the matrix: tested apart (costly set-ups: other processes,
 # devices, downloads of architectures) or not supported.

@@ -21,7 +21,13 @@ Each example first draws a **configuration** of the kind users combine:
   TensorFlow); an `Embedding` with sparse gradients (TensorFlow:
   IndexedSlices); the loss scaled by the optimizer's ``loss_scale_factor`` or
   a `LossScaleOptimizer`, which the user step calls through
-  ``optimizer.scale_loss``.
+  ``optimizer.scale_loss``;
+- the mode: streaming (micro-batches of MICRO rows fed to ``fit()``, windows
+  of k) or in-step (``micro_batch_size`` from 1 to 5, ``fit()`` batches of 4,
+  6 or 8 rows: m may or may not divide them, and a fit's rows may end in a
+  short batch). In-step models take k = 1 only (the callback's schedule too)
+  and no user-written ``train_step`` (refused, tested in
+  tests/test_micro_batch_size.py); every other axis meets both modes.
 
 Every public keyword argument has an axis here: `tests/test_option_coverage.py`
 fails for one that has none. Combinations left out of the draw until a fix
@@ -31,9 +37,11 @@ Then `hypothesis` drives it through random **events** (the rows of
 `accum_keras._lifecycle`): micro-batches by ``train_on_batch``; fits of one
 or two epochs that end, stop or are interrupted, with or without the
 callback, with a user callback that sets the rate and one that calls
-``evaluate()`` mid-epoch; apply, discard, resize, save and load into a fresh
-model, recompile, freeze and recompile, ``keras.models.clone_model`` and
-``convert_batch_normalization``.
+``evaluate()`` mid-epoch; apply, discard, resize (k > 1 on an in-step model: refused), save and
+load into a fresh model, recompile, freeze and recompile,
+``keras.models.clone_model``, ``convert_batch_normalization``, and (in-step
+configurations) another ``micro_batch_size`` between fits, or the streaming
+mode (None) and back.
 
 The reference is written from the lifecycle table and the documentation
 alone, never from the library:
@@ -41,7 +49,10 @@ alone, never from the library:
 - pending micro-batches are a list; when the table says a window is applied,
   a plain Keras model (no BatchNormalization, no accum_keras) under the same
   dtype policy, optimizer and loss scaling makes one update on the
-  concatenation of its micro-batches. BatchNormalization normalizes each
+  concatenation of its micro-batches. In the in-step mode nothing is
+  pending: each step is one update of the plain model on the whole batch,
+  whose micro-batches (for BatchNormalization) are the split that
+  docs/how-it-works.md describes, redone in NumPy (`split_rows`). BatchNormalization normalizes each
   micro-batch by its own statistics, so the reference feeds the plain model
   each micro-batch normalized by hand in NumPy, through a plain ``Affine``
   layer (``x * gamma + beta``) with BatchNormalization's gamma and beta
@@ -70,7 +81,9 @@ window of a ``super().train_step`` step applied wrongly (fixed in 35486b1).
 It was not cut further: no measurement yet says which smaller budget still
 kills the mutants of ``tools/mutation_score.py``, and the README's test
 command runs the JAX and PyTorch suites alongside this one. The Keras axes
-were added without raising it: each example now draws more at once instead.
+and the mode were added without raising it: each example now draws more at
+once instead, and one example in three (in expectation) is in-step, so the
+streaming mode keeps two thirds of the budget.
 Tolerances depend on the policy and the accumulator dtype
 (``POLICY_TOLERANCE``, with how they were measured). Each example's number
 is written to the terminal at least every 30 s (the ``progress`` fixture). The default run draws the
@@ -127,6 +140,25 @@ def rows_of(indices) -> np.ndarray:
     return np.concatenate([np.arange(i * MICRO, (i + 1) * MICRO) for i in indices])
 
 
+def split_rows(rows: np.ndarray, micro_batch_size: int) -> list[np.ndarray]:
+    """The in-step mode's micro-batches of a batch, in the order it runs them (docs/how-it-works.md).
+
+    ``n = B // m`` full micro-batches, micro-batch ``j`` being rows ``j, j + n,
+    ...`` of the batch, then the last ``B - n * m`` rows if any.
+    """
+    full = len(rows) // micro_batch_size
+    groups = [rows[: full * micro_batch_size][j::full] for j in range(full)]
+    if len(rows) % micro_batch_size:
+        groups.append(rows[full * micro_batch_size :])
+    return groups
+
+
+def normalized_by_hand(x: np.ndarray, epsilon: float) -> np.ndarray:
+    """``x`` as BatchNormalization normalizes a batch (before gamma and beta), in NumPy."""
+    x = x.astype("float64")
+    return ((x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + epsilon)).astype("float32")
+
+
 @functools.cache
 def normalized_inputs(epsilon: float) -> np.ndarray:
     """Every micro-batch as BatchNormalization normalizes it (before gamma and beta), in NumPy."""
@@ -144,6 +176,12 @@ KINDS = ["functional", "sequential", "subclass", "twin", "super_step"]
 if BACKEND in ("tensorflow", "torch"):
     # JAX's steps are stateless: a custom step there must end in super().train_step.
     KINDS.append("own_gradients_step")
+IN_STEP_KINDS = ["functional", "sequential", "subclass", "twin"]
+MODES = ["streaming", "streaming", "in_step"]
+# Hypothesis favours the first value of a list: 3 leaves a remainder of 4 and
+# 8 and divides 6; 1 (one sample per micro-batch) comes last.
+MICRO_BATCH_SIZES = [3, 2, 5, 4, 1]
+FIT_BATCH_SIZES = [8, 6, 4]
 
 POLICIES = ["float32", "mixed_float16", "mixed_bfloat16", "bfloat16"]
 ACCUMULATOR_DTYPES = ["float32", "bfloat16", "float16", "variable"]
@@ -258,6 +296,8 @@ class Configuration:
     scaling: Scaling | None
     rate_idiom: str  # how a user callback sets the rate
     smallest_k: int  # the k drawn (resize, schedule) is at least this
+    micro_batch_size: int | None  # None: the streaming mode
+    fit_batch_size: int  # fit()'s batch_size in the in-step mode (streaming: MICRO)
 
     def options(self, k: int) -> dict:
         """The model options, as the constructors and `accumulate()` take them."""
@@ -265,7 +305,7 @@ class Configuration:
             "accumulation_steps": k,
             "skip_nonfinite_updates": self.skip_nonfinite,
             "accumulator_dtype": self.accumulator_dtype,
-            # "micro_batch_size": ...,  # the in-step split (branch instep): its axis goes here
+            "micro_batch_size": self.micro_batch_size,
         }
 
 
@@ -299,14 +339,21 @@ def batch_norm_arguments(draw, regularized: bool) -> tuple[tuple[str, object], .
 
 @st.composite
 def configurations(draw) -> Configuration:
-    kind = draw(st.sampled_from(KINDS))
+    # The mode: streaming (micro-batches fed to fit(), windows of k) in two
+    # examples of three, in-step (``micro_batch_size``) in one; the budget is
+    # shared, not raised.
+    in_step = draw(st.sampled_from(MODES)) == "in_step"
+    # User-written train steps are refused in the in-step mode at fit start
+    # (tests/test_micro_batch_size.py::test_a_user_written_train_step_is_refused_at_fit_start).
+    kind = draw(st.sampled_from(IN_STEP_KINDS if in_step else KINDS))
     policy = draw(st.sampled_from(POLICIES))
     accumulator_dtype = draw(st.sampled_from(ACCUMULATOR_DTYPES))
     skip = draw(st.booleans())
     # `skip_nonfinite_updates` acts on windows of k >= 2 (at k = 1 the model
     # runs Keras' own step, and a NaN reaches the weights as in plain Keras).
     smallest_k = 2 if skip else 1
-    steps = st.integers(smallest_k, 4)
+    # The in-step mode takes k = 1 only (k > 1 with it is refused), also from a schedule.
+    steps = st.just(1) if in_step else st.integers(smallest_k, 4)
     scaling = None
     if draw(st.booleans()):
         rule_ = draw(st.sampled_from(["linear", "sqrt", None]))
@@ -373,6 +420,10 @@ def configurations(draw) -> Configuration:
         scaling=scaling,
         rate_idiom=draw(st.sampled_from(["setter", "assign"])),
         smallest_k=smallest_k,
+        micro_batch_size=draw(st.sampled_from(MICRO_BATCH_SIZES)) if in_step else None,
+        # The fit batch of the in-step mode: micro_batch_size may or may not
+        # divide it, and a fit's rows (multiples of MICRO) may end in a short batch.
+        fit_batch_size=draw(st.sampled_from(FIT_BATCH_SIZES)) if in_step else MICRO,
     )
 
 
@@ -682,6 +733,8 @@ class WindowLife(RuleBasedStateMachine):
         self.config = config
         self.inputs = inputs_of(config)
         self.k = config.accumulation_steps
+        self.m = config.micro_batch_size  # the in-step mode's micro-batch size, or None
+        self.measured_batch = MICRO  # the fit batch the callback measures
         self.batch_norm = config.batch_norm
         self.frozen = False
         self.model = new_model(config, self.batch_norm, self.k)
@@ -715,7 +768,11 @@ class WindowLife(RuleBasedStateMachine):
         scaling = self.scaling
         if scaling is None or scaling.rule is None or not self.batch_ratio_known:
             return 1.0
-        ratio = 1.0 if scaling.base_batch_size is None else MICRO / scaling.base_batch_size
+        ratio = (
+            1.0
+            if scaling.base_batch_size is None
+            else self.measured_batch / scaling.base_batch_size
+        )
         factor = self.k * ratio
         if scaling.rule == "sqrt":
             factor = math.sqrt(factor)
@@ -749,6 +806,32 @@ class WindowLife(RuleBasedStateMachine):
         self.applied_samples += len(rows)
         if pooled:
             self._move_statistics(X[rows_of(pooled)])
+
+    def _reference_step(self, rows):
+        """One step of the in-step mode on ``rows``: plain Keras' step on the whole batch."""
+        groups = split_rows(rows, self.m)
+        if self.batch_norm is not None and self.batch_norm.kind == "plain":
+            # Ghost batch norm: each micro-batch of the step moves the statistics.
+            for group in groups:
+                self._move_statistics(X[group])
+        if self.config.poisoned.intersection(rows // MICRO):
+            self.skipped += 1
+            return
+        inputs, labels = self.inputs[rows], Y[rows]
+        if self.batch_norm is not None:
+            # Each micro-batch normalized by its own statistics; the order of
+            # samples does not change the batch's loss.
+            epsilon = self.batch_norm.get("epsilon")
+            inputs = np.concatenate([normalized_by_hand(X[group], epsilon) for group in groups])
+            labels = Y[np.concatenate(groups)]
+        self.plain.optimizer.learning_rate.assign(self.base_rate * self._multiplier())
+        self.plain.train_on_batch(inputs, labels)
+        self.plain_updates += 1
+        self.last_update_samples = len(rows)
+        self.applied_samples += len(rows)
+        if self.batch_norm is not None and self.batch_norm.kind == "accum":
+            # Pooled over the step's micro-batches: the big batch's statistics.
+            self._move_statistics(X[rows])
 
     def _move_statistics(self, x):
         x = x.astype("float64")
@@ -787,6 +870,7 @@ class WindowLife(RuleBasedStateMachine):
         """The model is replaced by a new one that continues its training."""
         assert isinstance(model, accum_keras.AccumulatingModel), type(model)
         assert model.accumulation_steps == self.k
+        assert model.micro_batch_size == self.m
         assert model.skip_nonfinite_updates == self.config.skip_nonfinite
         self.model = model
 
@@ -794,6 +878,12 @@ class WindowLife(RuleBasedStateMachine):
 
     @rule(count=st.integers(1, 4))
     def train_on_batch(self, count):
+        if self.m is not None:
+            # One step on the whole batch, split inside it.
+            rows = rows_of(self._next_indices(count))
+            self.model.train_on_batch(self.inputs[rows], self._labels(rows))
+            self._reference_step(rows)
+            return
         for index in self._next_indices(count):
             rows = rows_of([index])
             self.model.train_on_batch(self.inputs[rows], self._labels(rows))
@@ -810,7 +900,8 @@ class WindowLife(RuleBasedStateMachine):
     def fit(self, count, epochs, ending, with_callback, set_rate, evaluate_at):
         scaling = self.config.scaling if with_callback else None
         indices = self._next_indices(count)
-        last = count - 1 if ending == "epoch_end" else (count - 1) // 2
+        batches = self._fit_batches(indices)
+        last = len(batches) - 1 if ending == "epoch_end" else (len(batches) - 1) // 2
         recorder = RecordLogs()
         callbacks = [recorder]
         if scaling is not None:
@@ -828,7 +919,7 @@ class WindowLife(RuleBasedStateMachine):
                 self.model.fit(
                     self.inputs[rows],
                     self._labels(rows),
-                    batch_size=MICRO,
+                    batch_size=MICRO if self.m is None else self.config.fit_batch_size,
                     epochs=epochs,
                     shuffle=False,
                     verbose=0,
@@ -836,12 +927,22 @@ class WindowLife(RuleBasedStateMachine):
                 )
             except KeyboardInterrupt:
                 assert ending == "interrupt"
-        expected = self._reference_fit(indices, epochs, ending, last, scaling, set_rate)
+        expected = self._reference_fit(batches, epochs, ending, last, scaling, set_rate)
         assert _same_records(recorder.records, expected), (
             f"logs:\n{recorder.records}\nexpected:\n{expected}"
         )
-        # Data not trained on is handed out again.
-        self.cursor = (indices[last] + 1) % POOL
+        # Data not trained on is handed out again (from the micro-batch after
+        # the last row trained on).
+        last_row = rows_of([batches[last]])[-1] if self.m is None else batches[last][-1]
+        self.cursor = (last_row // MICRO + 1) % POOL
+
+    def _fit_batches(self, indices) -> list:
+        """fit()'s batches: micro-batch indices (streaming), rows of each step (in-step)."""
+        if self.m is None:
+            return list(indices)
+        rows = rows_of(indices)
+        size = self.config.fit_batch_size
+        return [rows[start : start + size] for start in range(0, len(rows), size)]
 
     def _labels(self, rows):
         labels = Y[rows].copy()
@@ -850,7 +951,7 @@ class WindowLife(RuleBasedStateMachine):
                 labels[position] = np.nan
         return labels
 
-    def _reference_fit(self, indices, epochs, ending, last, scaling, set_rate):
+    def _reference_fit(self, batches, epochs, ending, last, scaling, set_rate):
         """Replays the fit on the reference; returns the logs the docs promise."""
         records = []
         start_updates = self.plain_updates
@@ -860,7 +961,9 @@ class WindowLife(RuleBasedStateMachine):
         if scaling is not None and scaling.warmup_updates:
             self.warmup = scaling.warmup_updates
         elif scaling is not None and scaling.warmup_epochs:
-            self.warmup = max(1, round(scaling.warmup_epochs * math.ceil(len(indices) / self.k)))
+            self.warmup = max(1, round(scaling.warmup_epochs * math.ceil(len(batches) / self.k)))
+        # The callback measures the fit's batch on its first one.
+        self.measured_batch = MICRO if self.m is None else len(batches[0])
         for epoch in range(epochs):
             if scaling is not None and scaling.schedule is not None:
                 started = [e for e in scaling.schedule if e <= epoch]
@@ -869,9 +972,12 @@ class WindowLife(RuleBasedStateMachine):
             epoch_start_updates = self.plain_updates
             epoch_start_samples = self.applied_samples
             final = epoch == epochs - 1
-            trained = indices[: last + 1] if final else indices
-            for batch, index in enumerate(trained):
-                self._reference_add(index)
+            trained = batches[: last + 1] if final else batches
+            for batch, item in enumerate(trained):
+                if self.m is None:
+                    self._reference_add(item)
+                else:
+                    self._reference_step(item)
                 self.batch_ratio_known = True  # measured on the fit's first micro-batch
                 if set_rate is not None and batch == set_rate[0]:
                     # The rate applied now becomes the value: `base` is rescaled.
@@ -913,6 +1019,11 @@ class WindowLife(RuleBasedStateMachine):
     @rule(k=st.integers(1, 5))
     def resize(self, k):
         k = max(k, self.config.smallest_k)
+        if self.m is not None and k > 1:
+            # The two modes do not compose: refused, nothing changes.
+            with pytest.raises(ValueError, match="cannot be combined"):
+                self.model.accumulation_steps = k
+            return
         self.model.accumulation_steps = k
         self._reference_resize(k)
 
@@ -920,7 +1031,9 @@ class WindowLife(RuleBasedStateMachine):
     def save_and_load_into_a_fresh_model(self):
         path = os.path.join(self.directory, "window.weights.h5")
         self.model.save_weights(path)
-        fresh = new_model(self.config, self.batch_norm, self.k)
+        fresh = new_model(
+            dataclasses.replace(self.config, micro_batch_size=self.m), self.batch_norm, self.k
+        )
         fresh.get_layer("hidden").trainable = not self.frozen
         compile_model(fresh, self.config)
         fresh.optimizer.build(fresh.trainable_variables)
@@ -942,6 +1055,23 @@ class WindowLife(RuleBasedStateMachine):
         compile_model(self.model, self.config)
         self._reference_apply()  # with the variables that opened the window
         self._reference_new_optimizer()
+
+    @precondition(lambda self: self.config is not None and self.config.micro_batch_size is not None)
+    @rule(value=st.none() | st.integers(1, 5))
+    def change_micro_batch_size(self, value):
+        """Between fits: another micro-batch size, or the streaming mode (None) and back."""
+        if value is None and self.config.skip_nonfinite:
+            # The skip acts in streaming windows of k >= 2, which this
+            # configuration's schedule (k = 1, for the in-step mode) would undo.
+            value = self.config.micro_batch_size
+        if value is not None and self.m is None:
+            # Back to the in-step mode: a user applies the open window and sets k = 1 first.
+            self.model.apply_pending_window()
+            self._reference_apply()
+            self.model.accumulation_steps = 1
+            self._reference_resize(1)
+        self.model.micro_batch_size = value
+        self.m = value
 
     @rule()
     def clone(self):

@@ -62,6 +62,7 @@ import sys
 import time
 
 from _revision import library_revision
+from _rss import read_status_kib, reset_peak_rss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 1024 * 1024
@@ -74,27 +75,6 @@ UNAVAILABLE = "unavailable"
 
 
 # -- child: one backend, in its own process ----------------------------------
-
-
-def read_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
 
 
 class PeakMeter:

@@ -57,6 +57,7 @@ import sys
 import time
 
 from _revision import library_revision
+from _rss import read_status_kib, reset_peak_rss
 
 if __name__ == "__main__" and "--child" not in sys.argv:
     # The command line first, before TensorFlow's start-up logs.
@@ -70,27 +71,6 @@ RESULT_TAG = "MEMORY_RESULT "
 
 
 # -- child ------------------------------------------------------------------
-
-
-def read_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def build_cnn(image_size: int, channels: int, head: int, classes: int = 10):

@@ -105,7 +105,8 @@ def _free_loopback_port() -> int:
 def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
     # Two worker processes on loopback ports, one replica each; 60 samples in
     # global micro-batches of 8 and windows of 4 (the last one short). Also
-    # skip_nonfinite_updates with a NaN label on one worker.
+    # skip_nonfinite_updates with a NaN label on one worker, and the in-step
+    # mode (micro_batch_size) on global batches of 16.
     cluster = {"worker": [f"127.0.0.1:{_free_loopback_port()}" for _ in range(2)]}
     workers = []
     try:
@@ -127,3 +128,12 @@ def test_multi_worker_mirrored_strategy_matches_the_global_big_batch():
         # on both, as plain Keras without that window.
         assert (result["skip_updates"], result["skipped_updates"]) == (2, 2)
         assert result["skip_difference"] <= RTOL
+        # micro_batch_size (each worker splits its per-replica batch, one not
+        # divisible by it, and the epoch's short last batch) is plain Keras
+        # on the global batch: 4 batches of 16 or 12 in each epoch.
+        assert result["in_step_updates"] == result["in_step_reference_updates"] == 8
+        assert result["in_step_difference"] <= RTOL
+        for name, values in result["in_step_reference_history"].items():
+            np.testing.assert_allclose(
+                result["in_step_history"][name], values, rtol=1e-5, err_msg=name
+            )

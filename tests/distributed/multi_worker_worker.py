@@ -3,7 +3,8 @@
 TF_CONFIG (set by the test) points both workers at loopback ports. Each worker
 trains the accumulating model under the strategy and, outside it, plain Keras
 on one device with the global big batch; it prints one JSON line with the
-relative weight difference and both update counts.
+relative weight difference and both update counts. It does the same for the
+in-step mode (``micro_batch_size``), with both histories.
 """
 
 import json
@@ -66,9 +67,37 @@ with strategy.scope():
 skipping.fit(
     tf.data.Dataset.from_tensor_slices((x, poisoned)).batch(GLOBAL_MICRO), epochs=2, verbose=0
 )
+
+# micro_batch_size: each worker splits its own share of every global batch of
+# 16 (8 per replica: two micro-batches of 3 and a remainder of 2; the epoch's
+# last batch of 12 is 6 per replica, two of 3). The reference is plain Keras
+# on one device with the same global batches: a plain Keras model cannot fit
+# under this strategy (its first batch's reduction fails, as the accumulating
+# models' `_maybe_symbolic_build` says).
+keras.utils.set_random_seed(0)
+in_step_reference = keras.Model(*layers())
+in_step_reference.set_weights(initial)
+in_step_reference.compile(keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+in_step_reference_history = in_step_reference.fit(
+    x, y, batch_size=16, epochs=2, shuffle=False, verbose=0
+).history
+with strategy.scope():
+    in_step = accum_keras.Model(*layers(), micro_batch_size=3)
+    in_step.set_weights(initial)
+    in_step.compile(keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+in_step_history = in_step.fit(
+    tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=2, verbose=0
+).history
 print(
     json.dumps(
         {
+            "in_step_difference": max_relative_difference(
+                in_step.get_weights(), in_step_reference.get_weights()
+            ),
+            "in_step_updates": int(in_step.optimizer.iterations.numpy()),
+            "in_step_reference_updates": int(in_step_reference.optimizer.iterations.numpy()),
+            "in_step_history": in_step_history,
+            "in_step_reference_history": in_step_reference_history,
             "workers": strategy.cluster_resolver.cluster_spec().num_tasks("worker"),
             "difference": max_relative_difference(model.get_weights(), reference.get_weights()),
             "updates": int(model.optimizer.iterations.numpy()),

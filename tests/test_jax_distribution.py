@@ -248,6 +248,21 @@ def test_two_jax_processes_train_like_plain_keras_on_the_global_big_batch(tmp_pa
         assert result["effective_batch_size"] == [30.0, 30.0]
     for mine, theirs in zip(results[0]["weights"], results[1]["weights"], strict=True):
         np.testing.assert_array_equal(mine, theirs)
+    # micro_batch_size=6 on global batches of 16 (8 from each process: two
+    # micro-batches of 6 and a remainder of 4) and a short last one of 12:
+    # plain Keras on one device on the global batches.
+    for result in (r["in_step"] for r in results):
+        assert result["updates"] == result["reference_updates"] == 8
+        assert result["difference"] <= RTOL, result["difference"]
+        for name, values in result["reference_history"].items():
+            np.testing.assert_allclose(result["history"][name], values, rtol=1e-5, err_msg=name)
+        # Each process keeps its share of every micro-batch: the compiled
+        # step (batch 12, two micro-batches of 6) moves no input between the
+        # processes' devices; it only all-reduces.
+        assert {kind for _, kind in result["collectives"]} == {"all-reduce"}
+    mine, theirs = (r["in_step"]["weights"] for r in results)
+    for a, b in zip(mine, theirs, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # -- micro_batch_size on eight host devices ----------------------------------------

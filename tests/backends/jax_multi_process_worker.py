@@ -10,11 +10,14 @@ global batch of 32.
 Prints one JSON line: this process's final weights, the relative difference
 to plain Keras trained on one device on the global big batch at ``k`` times
 the learning rate (computed here, outside the distribution), both update
-counts and the logged ``effective_batch_size``.
+counts and the logged ``effective_batch_size``; under ``in_step``, the same
+for ``micro_batch_size`` on global batches of 16, with both histories and the
+collectives of its compiled train step.
 """
 
 import json
 import os
+import re
 import sys
 
 os.environ["KERAS_BACKEND"] = "jax"
@@ -33,24 +36,103 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from helpers import max_relative_difference  # noqa: E402
 
 PROCESSES, GLOBAL_MICRO, K, SAMPLES = 2, 8, 4, 60
+IN_STEP_BATCH, IN_STEP_MICRO = 16, 6
+
+# An HLO instruction ``%name = <result> <op>(...)`` (as in jax_in_step_worker.py).
+_COLLECTIVE = re.compile(
+    r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
+_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
 
 
-def build(accumulation_steps=None):
+def build(accumulation_steps=None, micro_batch_size=None):
     inputs = keras.Input((5,))
     hidden = keras.layers.Dense(8, activation="tanh")(inputs)
     outputs = keras.layers.Dense(1)(hidden)
+    if micro_batch_size is not None:
+        return accum_keras.Model(inputs, outputs, micro_batch_size=micro_batch_size)
     if accumulation_steps is None:
         return keras.Model(inputs, outputs)
     return accum_keras.Model(inputs, outputs, accumulation_steps=accumulation_steps)
 
 
-def local_rows(process_id: int) -> np.ndarray:
-    """This process's half of each global micro-batch (the last one is short)."""
+def local_rows(process_id: int, global_batch: int = GLOBAL_MICRO) -> np.ndarray:
+    """This process's half of each global batch (the last one is short)."""
     rows = []
-    for start in range(0, SAMPLES, GLOBAL_MICRO):
-        batch = np.arange(start, min(start + GLOBAL_MICRO, SAMPLES))
+    for start in range(0, SAMPLES, global_batch):
+        batch = np.arange(start, min(start + global_batch, SAMPLES))
         rows.append(np.array_split(batch, PROCESSES)[process_id])
     return np.concatenate(rows)
+
+
+def collectives_of(model, distribution, global_rows: int) -> list:
+    """``[result shape, kind]`` of each collective of ``model``'s compiled train step.
+
+    Compiled for a global batch of ``global_rows`` rows laid out as
+    ``distribution`` lays out its inputs (shapes only: no data is placed).
+    """
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+    batch = tuple(
+        jax.ShapeDtypeStruct(
+            shape, "float32", sharding=distribution.get_data_layout(shape).backend_layout
+        )
+        for shape in ((global_rows, 5), (global_rows, 1))
+    )
+    compiled = jax.jit(model.train_step, out_shardings=(None, model._get_state_sharding_spec()))
+    text = compiled.lower(state, batch).compile().as_text()
+    found = []
+    for result, kind in _COLLECTIVE.findall(text):
+        found.extend([shape, kind] for shape in _SHAPE.findall(result))
+    return sorted(found)
+
+
+def in_step(x, y, initial, process_id: int) -> dict:
+    """``micro_batch_size=6`` on global batches of 16 (8 from each process).
+
+    A batch of 16 is two micro-batches of 6 and a remainder of 4; the epoch's
+    last batch of 12 is two of 6. The reference is plain Keras on one device
+    on the same global batches.
+    """
+    keras.utils.set_random_seed(0)
+    reference = build()
+    reference.set_weights(initial)
+    reference.compile(keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+    reference_history = reference.fit(
+        x, y, batch_size=IN_STEP_BATCH, epochs=2, shuffle=False, verbose=0
+    ).history
+    distribution = keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
+    rows = local_rows(process_id, IN_STEP_BATCH)
+    with distribution.scope():
+        model = build(micro_batch_size=IN_STEP_MICRO)
+        model.set_weights(initial)
+        model.compile(keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+        history = model.fit(
+            x[rows],
+            y[rows],
+            batch_size=IN_STEP_BATCH // PROCESSES,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+        ).history
+        weights = model.get_weights()
+        # The epoch's last batch, 12 = 2 x 6: micro-batch rows line up with
+        # the two processes' shards. (With a remainder, 16 = 2 x 6 + 4, the
+        # first 12 rows do not: the step then permutes rows between devices.)
+        collectives = collectives_of(model, distribution, 12)
+    return {
+        "weights": [w.ravel().tolist() for w in weights],
+        "difference": max_relative_difference(weights, reference.get_weights()),
+        "updates": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "reference_updates": int(keras.ops.convert_to_numpy(reference.optimizer.iterations)),
+        "history": history,
+        "reference_history": reference_history,
+        "collectives": collectives,
+    }
 
 
 def main(port: int, process_id: int) -> None:
@@ -99,6 +181,7 @@ def main(port: int, process_id: int) -> None:
                     keras.ops.convert_to_numpy(reference.optimizer.iterations)
                 ),
                 "effective_batch_size": model.history.history["effective_batch_size"],
+                "in_step": in_step(x, y, initial, process_id),
             }
         )
     )

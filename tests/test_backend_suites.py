@@ -55,6 +55,7 @@ SUITE = [
     "tests/test_float8.py",
     "tests/test_first_contact_errors.py",
     "tests/test_micro_batch_size.py",
+    "tests/test_micro_batch_memory.py",
 ]
 SPECIFICS = {
     "tensorflow": [],

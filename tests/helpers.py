@@ -161,3 +161,24 @@ def train_step_applying_its_gradients(model, data, scale_loss: bool = False):
     else:
         raise NotImplementedError(f"no user-written gradient step on {backend}")
     return {"loss": loss}
+
+
+def split_rows_by_shard(rows: np.ndarray, micro_batch_size: int, shards: int = 1) -> list:
+    """The in-step mode's micro-batches of a batch (docs/how-it-works.md), in NumPy.
+
+    ``rows`` are ``shards`` equal blocks (the devices' shares); with ``n = B //
+    m``, full micro-batch ``j`` is rows ``j, j + n, ...`` of the first ``n * m
+    / s`` rows of every block, block after block, and the remainder (if any)
+    is every block's rows after those. Returns the micro-batches in the order
+    the step runs them.
+    """
+    blocks = np.split(np.asarray(rows), shards)
+    per_block = micro_batch_size // shards
+    full = len(rows) // micro_batch_size
+    parts = [
+        np.concatenate([block[: full * per_block][j::full] for block in blocks])
+        for j in range(full)
+    ]
+    if len(rows) % micro_batch_size:
+        parts.append(np.concatenate([block[full * per_block :] for block in blocks]))
+    return parts

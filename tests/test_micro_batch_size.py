@@ -17,6 +17,7 @@ from helpers import (
     padded_token_data,
     regression_data,
     small_regression_layers,
+    split_rows_by_shard,
 )
 
 import accum_keras
@@ -358,3 +359,50 @@ def test_train_on_batch_is_plain_keras_step_on_its_batch(run_eagerly):
         for start in (0, 7):
             model.train_on_batch(x[start : start + 7], y[start : start + 7])
     assert_same_training(in_step, plain)
+
+
+# -- the split rule (docs/how-it-works.md, "The in-step mode") -------------------
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+@pytest.mark.parametrize("micro_batch_size", [8, 32])
+def test_each_shard_splits_its_own_rows_by_the_same_stride_rule(shards, micro_batch_size):
+    from accum_keras import _split
+
+    # 28 rows, m = 8: three full micro-batches (2 rows of each of 4 shards)
+    # and a remainder of 4 (1 row of each); m = 32: the remainder only.
+    x = np.arange(28 * 3, dtype="float32").reshape(28, 3)
+    y = np.arange(28, dtype="float32") * 10
+    data = (keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y), None)
+    full, remainder = _split.counts(28, micro_batch_size)
+    expected = split_rows_by_shard(np.arange(28), micro_batch_size, shards)
+    got = [
+        _split.full_micro_batch(data, index, full, micro_batch_size, shards)
+        for index in range(full)
+    ]
+    if full:
+        stacked = _split.stacked_full_micro_batches(data, full, micro_batch_size, shards)
+        for index in range(full):
+            for leaf in range(2):
+                np.testing.assert_array_equal(
+                    keras.ops.convert_to_numpy(stacked[leaf][index]),
+                    keras.ops.convert_to_numpy(got[index][leaf]),
+                )
+    if remainder:
+        got.append(_split.remainder_micro_batch(data, full, micro_batch_size, shards))
+    assert len(got) == len(expected)
+    for (mx, my, sample_weight), rows in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mx), x[rows])
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(my), y[rows])
+        assert sample_weight is None
+
+
+def test_the_split_follows_the_shards_only_when_they_divide_batch_and_micro_batch():
+    from accum_keras import _split
+
+    assert _split.aligned_shards(28, 8, 4) == 4
+    assert _split.aligned_shards(28, 8, 8) == 1  # 8 does not divide 28
+    assert _split.aligned_shards(28, 6, 4) == 1  # nor 4 divide 6
+    assert _split.aligned_shards(28, 8, 1) == 1
+    with pytest.raises(ValueError, match="`shards` must be a positive int that divides"):
+        _split.remainder_micro_batch((np.zeros((28, 3)),), 3, 8, 3)

@@ -434,11 +434,33 @@ def _accumulate_micro_batch(
     return loss, y_pred, non_trainable, metrics, window, weights
 
 
+def batch_shards(batch_size: int) -> int:
+    """How many blocks of rows the current `keras.distribution` shards a batch into.
+
+    The size of the mesh axes that its data layout puts on the batch axis
+    (``DataParallel``: its devices; ``ModelParallel``: its ``batch_dim_name``
+    axis), across processes too; 1 without a distribution.
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    layout = distribution.get_data_layout((batch_size,))
+    names = layout.axes[0] if layout.axes else None
+    if names is None:
+        return 1
+    mesh = layout.device_mesh or distribution.device_mesh
+    shards = 1
+    for name in names if isinstance(names, tuple) else (names,):
+        shards *= mesh.shape[list(mesh.axis_names).index(name)]
+    return shards
+
+
 def split_train_step(model, state, data):
     """The in-step mode: the whole batch's step, run as micro-batches in a loop.
 
-    The full micro-batches of `accum_keras._split` (stacked by stride, so a
-    batch sharded along its first axis stays sharded in each of them) are
+    The full micro-batches of `accum_keras._split` (stacked by stride within
+    each of the distribution's batch shards, so a batch sharded along its
+    first axis stays sharded in each of them, see `batch_shards`) are
     accumulated by one `jax.lax.scan`, whose carry holds the accumulators,
     the window's counters, the non-trainable values and the metrics; the
     remainder micro-batch follows; then the window is applied, with no
@@ -457,6 +479,7 @@ def split_train_step(model, state, data):
     batch = num_samples(x)
     full, remainder = _splitting.counts(batch, size)
     count = full + (remainder > 0)
+    shards = _splitting.aligned_shards(batch, size, batch_shards(batch))
 
     def accumulate(carry, micro_batch, is_first):
         non_trainable, metrics, window, objective_sum, divisor_sum = carry
@@ -484,7 +507,7 @@ def split_train_step(model, state, data):
     zero = jnp.zeros((), "float32")
     carry = (list(non_trainable), list(metrics), window, zero, zero)
     if full:
-        stacked = _splitting.stacked_full_micro_batches(data, full, size)
+        stacked = _splitting.stacked_full_micro_batches(data, full, size, shards)
 
         def body(carry, scanned):
             index, micro_batch = scanned
@@ -492,7 +515,7 @@ def split_train_step(model, state, data):
 
         carry, _ = jax.lax.scan(body, carry, (jnp.arange(full), stacked))
     if remainder:
-        micro_batch = _splitting.remainder_micro_batch(data, full, size)
+        micro_batch = _splitting.remainder_micro_batch(data, full, size, shards)
         carry = accumulate(carry, micro_batch, jnp.asarray(full == 0))
     non_trainable, metrics, window, objective_sum, divisor_sum = carry
     loss = _window.split_step_loss(objective_sum, window["reference_divisor"], divisor_sum)

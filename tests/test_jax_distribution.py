@@ -257,9 +257,11 @@ def test_two_jax_processes_train_like_plain_keras_on_the_global_big_batch(tmp_pa
         for name, values in result["reference_history"].items():
             np.testing.assert_allclose(result["history"][name], values, rtol=1e-5, err_msg=name)
         # Each process keeps its share of every micro-batch: the compiled
-        # step (batch 12, two micro-batches of 6) moves no input between the
-        # processes' devices; it only all-reduces.
+        # step (batch 12, two micro-batches of 6; batch 16, the same and a
+        # remainder of 4, 2 rows from each process) moves no input between
+        # the processes' devices; it only all-reduces.
         assert {kind for _, kind in result["collectives"]} == {"all-reduce"}
+        assert {kind for _, kind in result["remainder_collectives"]} == {"all-reduce"}
     mine, theirs = (r["in_step"]["weights"] for r in results)
     for a, b in zip(mine, theirs, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -283,7 +285,14 @@ def in_step(tmp_path_factory):
     return results["cases"]
 
 
-IN_STEP_CASES = ["data_parallel", "model_parallel"]
+# ``*_remainder``: micro_batch_size does not divide the fit batch, but the
+# number of batch shards divides both (the split then follows the shards).
+IN_STEP_CASES = [
+    "data_parallel",
+    "model_parallel",
+    "data_parallel_remainder",
+    "model_parallel_remainder",
+]
 
 
 @pytest.mark.parametrize("name", IN_STEP_CASES)
@@ -298,7 +307,7 @@ def test_micro_batch_size_under_a_distribution_is_plain_keras_there(in_step, nam
 def test_the_in_step_carry_keeps_the_variables_layout(in_step, name):
     case = in_step[name]
     assert case["accumulator_specs"] == case["variable_specs"]
-    if name == "model_parallel":
+    if name.startswith("model_parallel"):
         assert any(entry is not None for entry in sum(case["variable_specs"], []))
 
 
@@ -312,12 +321,31 @@ def test_the_in_step_train_step_moves_no_input_between_devices(in_step, name):
     input_features = {shape.split(",")[-1] for shape in case["input_shapes"]}
     assert not [shape for shape in gathered if shape.split(",")[-1] in input_features]
     # What the step gathers is what plain Keras' step gathers (the sharded
-    # model's activations), for a micro-batch instead of the whole batch.
+    # model's activations), for a micro-batch instead of the whole batch, and
+    # again for the remainder micro-batch if there is one.
     batch, micro = (int(shape.split(",")[0]) for shape in case["input_shapes"][::2])
+    sizes = [micro] + ([case["remainder"]] if case["remainder"] else [])
 
-    def per_micro_batch(shape):
+    def per_micro_batch(shape, size):
         rows, *rest = shape.split(",")
-        return ",".join([str(int(rows) * micro // batch), *rest])
+        return ",".join([str(int(rows) * size // batch), *rest])
 
-    plain = [per_micro_batch(s) for s, kind in case["plain_collectives"] if kind in moving]
+    plain = [
+        per_micro_batch(shape, size)
+        for shape, kind in case["plain_collectives"]
+        if kind in moving
+        for size in sizes
+    ]
     assert sorted(gathered) == sorted(plain)
+
+
+def test_accum_batch_normalization_under_data_parallel_normalizes_the_documented_micro_batches(
+    in_step,
+):
+    # Batches of 40 on 8 devices, micro-batches of 16 and a remainder of 8:
+    # each micro-batch takes its rows from every device's own 5 rows.
+    case = in_step["data_parallel_batch_norm"]
+    assert case["updates"] == 2
+    assert case["difference"] <= RTOL
+    # The split is observable: the rule that ignores the shards trains otherwise.
+    assert case["unsharded_rule_difference"] > 100 * RTOL

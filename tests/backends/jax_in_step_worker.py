@@ -3,11 +3,15 @@
 JAX must see eight CPU devices before it starts, so this runs in its own
 process, started by `tests/test_jax_distribution.py`, which makes the
 assertions. Prints one JSON line with, per case (`DataParallel` over the
-eight devices; `ModelParallel` on a 2 x 4 mesh with sharded kernels): the
-relative weight difference to plain Keras fit on the same batches under the
-same distribution, both update counts and logged losses, the variables' and
-accumulators' layouts, and the collectives of the compiled in-step train step
-(kind and result shape, from its HLO text) with the shapes of its inputs.
+eight devices; `ModelParallel` on a 2 x 4 mesh with sharded kernels; each
+with a fit batch that ``micro_batch_size`` divides and one that leaves a
+remainder): the relative weight difference to plain Keras fit on the same
+batches under the same distribution, both update counts and logged losses,
+the variables' and accumulators' layouts, and the collectives of the
+compiled in-step train step (kind and result shape, from its HLO text) with
+the shapes of its inputs; and for `AccumBatchNormalization` under
+`DataParallel` with a remainder, the weight difference to plain Keras fed
+the documented micro-batches normalized by hand.
 """
 
 import json
@@ -28,7 +32,7 @@ import numpy as np  # noqa: E402
 import accum_keras  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import max_relative_difference  # noqa: E402
+from helpers import max_relative_difference, split_rows_by_shard  # noqa: E402
 
 FEATURES, OUTPUTS = 12, 24
 
@@ -78,7 +82,7 @@ def build(micro_batch_size, optimizer):
     return model
 
 
-def run(name, distribution, samples, batch, micro, optimizer):
+def run(name, distribution, samples, batch, micro, optimizer, epochs=2):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(samples, FEATURES)).astype("float32")
     y = rng.normal(size=(samples, OUTPUTS)).astype("float32")
@@ -86,7 +90,7 @@ def run(name, distribution, samples, batch, micro, optimizer):
         in_step, plain = build(micro, optimizer), build(None, optimizer)
         plain.set_weights(in_step.get_weights())
         histories = [
-            model.fit(x, y, batch_size=batch, epochs=2, shuffle=False, verbose=0).history
+            model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0).history
             for model in (in_step, plain)
         ]
         state = in_step._accumulation_state
@@ -104,6 +108,7 @@ def run(name, distribution, samples, batch, micro, optimizer):
                 f"{micro},{FEATURES}",
                 f"{micro},{OUTPUTS}",
             ],
+            "remainder": batch % micro,
             "collectives": _collectives_of(
                 in_step.train_step, in_step, distribution, (x[:batch], y[:batch])
             ),
@@ -135,5 +140,100 @@ def model_parallel_case():
     return run("model_parallel", distribution, samples=56, batch=16, micro=4, optimizer=optimizer)
 
 
-cases = dict([data_parallel_case(), model_parallel_case()])
+def data_parallel_remainder_case():
+    # Batches of 40: two micro-batches of 16 (two rows from each device) and
+    # a remainder of 8 (one row from each).
+    optimizer = lambda: keras.optimizers.SGD(0.1, momentum=0.9)  # noqa: E731
+    distribution = keras.distribution.DataParallel(devices=jax.devices())
+    return run("data_parallel_remainder", distribution, 80, 40, 16, optimizer=optimizer, epochs=1)
+
+
+def model_parallel_remainder_case():
+    # The batch axis has 2 devices: batches of 10 are two micro-batches of 4
+    # (two rows from each half of the mesh) and a remainder of 2 (one each).
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*dense.*kernel"] = (None, "model")
+    layout_map[".*dense.*bias"] = ("model",)
+    distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    optimizer = lambda: keras.optimizers.Adam(0.01)  # noqa: E731
+    return run("model_parallel_remainder", distribution, 30, 10, 4, optimizer, epochs=1)
+
+
+class Affine(keras.layers.Layer):
+    """BatchNormalization's output on inputs normalized beforehand: ``x * gamma + beta``."""
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=input_shape[-1:], name="gamma", initializer="ones")
+        self.beta = self.add_weight(shape=input_shape[-1:], name="beta", initializer="zeros")
+
+    def call(self, inputs):
+        return inputs * self.gamma + self.beta
+
+
+def _fed_by_hand(x, y, batch, micro, shards, epsilon):
+    """``(x, y)`` with every batch's micro-batches (the split rule for ``shards``)
+    normalized by their own statistics, as BatchNormalization normalizes them."""
+    inputs, labels = [], []
+    for start in range(0, len(x), batch):
+        for rows in split_rows_by_shard(np.arange(start, start + batch), micro, shards):
+            part = x[rows].astype("float64")
+            inputs.append((part - part.mean(axis=0)) / np.sqrt(part.var(axis=0) + epsilon))
+            labels.append(y[rows])
+    return np.concatenate(inputs).astype("float32"), np.concatenate(labels)
+
+
+def data_parallel_batch_norm_case():
+    """AccumBatchNormalization on the inputs, batches of 40 in micro-batches of 16.
+
+    It normalizes each micro-batch by its own statistics, so the trained
+    weights tell which rows shared a micro-batch. The reference is plain
+    Keras fed each micro-batch of the documented split (per device, 8 shards)
+    normalized by hand; ``unsharded_rule_difference`` is the distance to the
+    same reference with the split that ignores the shards.
+    """
+    samples, batch, micro = 80, 40, 16
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(samples, FEATURES)) * 3.0 + 1.0).astype("float32")
+    y = rng.normal(size=(samples, OUTPUTS)).astype("float32")
+    distribution = keras.distribution.DataParallel(devices=jax.devices())
+    optimizer = lambda: keras.optimizers.SGD(0.1, momentum=0.9)  # noqa: E731
+
+    def build(first_layer, model_class, **kwargs):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((FEATURES,))
+        hidden = keras.layers.Dense(40, activation="tanh")(first_layer(inputs))
+        model = model_class(inputs, keras.layers.Dense(OUTPUTS)(hidden), **kwargs)
+        model.compile(optimizer(), loss="mse")
+        return model
+
+    with distribution.scope():
+        norm = accum_keras.layers.AccumBatchNormalization()
+        in_step = build(norm, accum_keras.Model, micro_batch_size=micro)
+        initial = [norm.gamma.numpy(), norm.beta.numpy()] + in_step.get_weights()[-4:]
+        in_step.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+        trained = [norm.gamma.numpy(), norm.beta.numpy()] + in_step.get_weights()[-4:]
+        differences = []
+        for shards in (len(jax.devices()), 1):
+            reference = build(Affine(), keras.Model)
+            reference.set_weights(initial)
+            fed = _fed_by_hand(x, y, batch, micro, shards, norm.epsilon)
+            reference.fit(*fed, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+            differences.append(max_relative_difference(trained, reference.get_weights()))
+    return "data_parallel_batch_norm", {
+        "updates": int(in_step.optimizer.iterations.numpy()),
+        "difference": differences[0],
+        "unsharded_rule_difference": differences[1],
+    }
+
+
+cases = dict(
+    [
+        data_parallel_case(),
+        model_parallel_case(),
+        data_parallel_remainder_case(),
+        model_parallel_remainder_case(),
+        data_parallel_batch_norm_case(),
+    ]
+)
 print(json.dumps({"devices": len(jax.devices()), "cases": cases}))

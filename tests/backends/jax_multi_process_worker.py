@@ -12,7 +12,7 @@ to plain Keras trained on one device on the global big batch at ``k`` times
 the learning rate (computed here, outside the distribution), both update
 counts and the logged ``effective_batch_size``; under ``in_step``, the same
 for ``micro_batch_size`` on global batches of 16, with both histories and the
-collectives of its compiled train step.
+collectives of its compiled train step (global batches of 12 and 16).
 """
 
 import json
@@ -120,10 +120,11 @@ def in_step(x, y, initial, process_id: int) -> dict:
             verbose=0,
         ).history
         weights = model.get_weights()
-        # The epoch's last batch, 12 = 2 x 6: micro-batch rows line up with
-        # the two processes' shards. (With a remainder, 16 = 2 x 6 + 4, the
-        # first 12 rows do not: the step then permutes rows between devices.)
+        # The epoch's last batch, 12 = 2 x 6, and a batch with a remainder,
+        # 16 = 2 x 6 + 4: each process's 3 rows of every micro-batch and its
+        # 2 of the remainder are its own.
         collectives = collectives_of(model, distribution, 12)
+        remainder_collectives = collectives_of(model, distribution, 16)
     return {
         "weights": [w.ravel().tolist() for w in weights],
         "difference": max_relative_difference(weights, reference.get_weights()),
@@ -132,6 +133,7 @@ def in_step(x, y, initial, process_id: int) -> dict:
         "history": history,
         "reference_history": reference_history,
         "collectives": collectives,
+        "remainder_collectives": remainder_collectives,
     }
 
 

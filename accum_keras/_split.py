@@ -26,7 +26,8 @@ rows: every device holds its ``m / s`` rows of every full micro-batch and its
 share of the remainder, so no micro-batch moves data between devices.
 Consecutive slices, or the ``s = 1`` rule on a sharded batch whose first
 ``n * m`` rows straddle the shards (``m`` not dividing ``B``), would make XLA
-move rows. The order of samples inside the big batch does not matter to its
+move rows; so does the fallback to ``s = 1`` when ``s`` does not divide ``m``
+(a micro-batch cannot then be spread evenly; docs/distributed.md). The order of samples inside the big batch does not matter to its
 loss and gradient (sums over samples), so the rule changes only the layout
 and, with `accum_keras.layers.AccumBatchNormalization` (which normalizes each
 micro-batch by its own statistics), which samples share a micro-batch.

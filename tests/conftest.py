@@ -32,12 +32,16 @@ def _xla_when_asked():
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     # The tests that read background jobs (started when collection ends, see
-    # tests/background.py) come last, the other backends' suites at the very
-    # end: by then the jobs have run on the second core.
+    # tests/background.py) come last, in the order their module gives
+    # (``reading_order``): this process takes the jobs the background thread
+    # has not reached from the back of its queue while the thread works from
+    # the front, and waits for the other backends' suites at the very end.
     def order(item):
-        if not hasattr(getattr(item, "module", None), "background_jobs"):
+        module = getattr(item, "module", None)
+        if not hasattr(module, "background_jobs"):
             return 0
-        return 2 if item.name.startswith("test_the_suite_passes_on_the_backend") else 1
+        reading_order = getattr(module, "reading_order", None)
+        return 1 if reading_order is None else reading_order(item)
 
     items.sort(key=order)
     suites = sys.modules.get("test_backend_suites")

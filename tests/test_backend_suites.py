@@ -93,6 +93,15 @@ def _jax_compilation_cache(env: dict[str, str], directory) -> None:
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(directory))
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # Most of the suite's time is compiling tiny programs that run a few
+    # times. The backend's optimization level trades the speed of XLA's CPU
+    # code for compile time; IEEE float arithmetic stays (no fast-math), and
+    # every test compares programs compiled alike. Measured: a fifth less
+    # CPU time for tests/test_exactness.py and test_micro_batch_size.py
+    # (125 -> 101 s, loaded 2-core VM).
+    flags = env.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        env["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
 
 
 def suite_command(
@@ -116,21 +125,34 @@ def suite_command(
     return command + (tests or SUITE + SPECIFICS[backend]), env
 
 
-# Tests of this process's own suite that run in a subprocess of the same
-# backend when the other backends' suites run too (the README's command): the
-# randomized test is the longest single test, and on the second core its
-# minutes are no longer added to this process's.
-OFFLOADED = ["tests/test_window_state_machine.py"]
-# The node ids `offload` moved to a subprocess in this session.
-_OFFLOADED_NOW: list[str] = []
+# Tests of this process's own suite that run in subprocesses of its backend
+# when the other backends' suites run too (the README's command), a job per
+# group: the longest tests (the randomized test, the Mask R-CNN example, the
+# documentation and third-party models) then run on the second core once the
+# other backends' suites are done. A group the background thread has not
+# started when this process reaches its test runs here instead
+# (`background.result`), so the two cores end at about the same time on a
+# fast or a slow machine alike; a group costs one more start of the backend
+# (a few seconds), which is why there are few.
+OFFLOADED = {
+    "randomized": ["tests/test_window_state_machine.py"],
+    "mask_rcnn": ["tests/test_mask_rcnn.py", "tests/test_mask_rcnn_coco.py"],
+    "third_party": ["tests/test_docs.py", "tests/test_keras_hub.py", "tests/test_your_model.py"],
+}
+# The node ids `offload` moved to a subprocess in this session, by group.
+_OFFLOADED_NOW: dict[str, list[str]] = {}
+
+
+def _group_of(nodeid: str) -> str | None:
+    path = nodeid.split("::")[0]
+    return next((group for group, paths in OFFLOADED.items() if path in paths), None)
 
 
 def offload(config, items) -> None:
     """Moves the ``OFFLOADED`` tests out of this process when the other backends' suites run.
 
     Called by conftest once the selection is final; the moved tests are
-    reported as deselected here and run by the own backend's
-    ``test_the_suite_passes_on_the_backend``.
+    reported as deselected here and run by ``test_the_offloaded_tests_pass``.
     """
     if config.option.collectonly:
         return
@@ -143,19 +165,27 @@ def offload(config, items) -> None:
     }
     if own not in suites or not any(b != own and not _not_installed(b) for b in suites):
         return
-    moved = [item for item in items if item.nodeid.split("::")[0] in OFFLOADED]
+    moved = [item for item in items if _group_of(item.nodeid) is not None]
     if moved:
         config.hook.pytest_deselected(items=moved)
-        items[:] = [item for item in items if item.nodeid.split("::")[0] not in OFFLOADED]
-        _OFFLOADED_NOW[:] = [item.nodeid for item in moved]
+        items[:] = [item for item in items if _group_of(item.nodeid) is None]
+        _OFFLOADED_NOW.clear()
+        for item in moved:
+            _OFFLOADED_NOW.setdefault(_group_of(item.nodeid), []).append(item.nodeid)
+
+
+def _offloaded_job(group: str) -> str:
+    return f"{keras.backend.backend()}_{group}"
 
 
 def background_jobs(scratch: str, items) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """The other backends' suites and the data-parallel worker the selected ``items`` need.
+    """The other backends' suites, the offloaded groups and the data-parallel worker.
 
     conftest starts them when collection ends (tests/background.py), so that
-    they run while this process runs its own tests.
+    they run while this process runs its own tests: the other backends'
+    suites first (the longest), then this backend's offloaded groups.
     """
+    selected = {item.originalname: item for item in items if item.module.__name__ == __name__}
     jobs = {}
     for item in items:
         if item.module.__name__ != __name__:
@@ -164,15 +194,29 @@ def background_jobs(scratch: str, items) -> dict[str, tuple[list[str], dict[str,
             backend = item.callspec.params["backend"]
             if backend != keras.backend.backend() and not _not_installed(backend):
                 jobs[backend] = suite_command(backend, scratch)
-            elif backend == keras.backend.backend() and _OFFLOADED_NOW:
-                jobs[backend] = suite_command(backend, scratch, _OFFLOADED_NOW)
-        elif (
-            item.originalname
-            == "test_jax_data_parallel_on_two_devices_matches_one_device_on_the_big_batch"
-        ):
-            if not _not_installed("jax"):
-                jobs["jax_data_parallel"] = _data_parallel_command(scratch)
+    if "test_the_offloaded_tests_pass" in selected:
+        for group, nodeids in _OFFLOADED_NOW.items():
+            jobs[_offloaded_job(group)] = suite_command(keras.backend.backend(), scratch, nodeids)
+    if (
+        "test_jax_data_parallel_on_two_devices_matches_one_device_on_the_big_batch" in selected
+        and not _not_installed("jax")
+    ):
+        jobs["jax_data_parallel"] = _data_parallel_command(scratch)
     return jobs
+
+
+def reading_order(item) -> int:
+    """Where conftest puts a test of this module among those that read background jobs.
+
+    The data-parallel worker, queued last here, is read first (with the
+    other modules' workers); the offloaded groups next, the last queued
+    first; the other backends' suites, queued first, at the very end.
+    """
+    if item.originalname == "test_the_offloaded_tests_pass":
+        return 2 + len(OFFLOADED) - list(OFFLOADED).index(item.callspec.params["group"])
+    if item.originalname == "test_the_suite_passes_on_the_backend":
+        return 3 + len(OFFLOADED)
+    return 1
 
 
 def _data_parallel_command(scratch: str) -> tuple[list[str], dict[str, str]]:
@@ -186,18 +230,28 @@ def _data_parallel_command(scratch: str) -> tuple[list[str], dict[str, str]]:
 
 @pytest.mark.parametrize("backend", ["jax", "torch", "tensorflow"])
 def test_the_suite_passes_on_the_backend(backend, tmp_path):
-    tests = None
     if keras.backend.backend() == backend:
-        if not _OFFLOADED_NOW:
-            pytest.skip(f"this process runs the suite on {backend} itself")
-        tests = _OFFLOADED_NOW  # the rest of it runs in this process
+        pytest.skip(f"this process runs the suite on {backend} itself")
     _skip_unless_installed(backend)
-    command, env = suite_command(backend, str(tmp_path), tests)
-    completed = background.result(backend, command, env, cwd=ROOT)
-    BACKEND_RESULTS[backend] = background.summary_line(completed.stdout)
-    BACKEND_DURATIONS[backend] = background.durations_section(completed.stdout)
+    command, env = suite_command(backend, str(tmp_path))
+    _check_suite(backend, background.result(backend, command, env, cwd=ROOT))
+
+
+@pytest.mark.parametrize("group", list(OFFLOADED))
+def test_the_offloaded_tests_pass(group, tmp_path):
+    if group not in _OFFLOADED_NOW:
+        pytest.skip(f"the {group} tests run in this process (or are not selected)")
+    backend = keras.backend.backend()
+    command, env = suite_command(backend, str(tmp_path), _OFFLOADED_NOW[group])
+    completed = background.result(_offloaded_job(group), command, env, cwd=ROOT)
+    _check_suite(f"{backend} {group}", completed)
+
+
+def _check_suite(name: str, completed) -> None:
+    BACKEND_RESULTS[name] = background.summary_line(completed.stdout)
+    BACKEND_DURATIONS[name] = background.durations_section(completed.stdout)
     report = completed.stdout[-6000:] + completed.stderr[-2000:]
-    assert completed.returncode == 0, f"the {backend} suite failed:\n{report}"
+    assert completed.returncode == 0, f"the {name} tests failed:\n{report}"
     assert " passed" in completed.stdout, report
 
 

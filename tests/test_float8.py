@@ -299,6 +299,27 @@ def test_a_user_written_step_keeps_float8_values_unsummed(big_batch):
         np.testing.assert_allclose(np.asarray(variable), wanted, rtol=rtol, err_msg=variable.path)
 
 
+def test_convert_batch_normalization_keeps_a_float8_models_weights():
+    # Keras rebuilds a float8 layer from its config with its scales before
+    # its kernel: weights copied by position would not fit.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((FEATURES,))
+    normalized = keras.layers.BatchNormalization(name="bn")(inputs)
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(normalized)
+    model = accum_keras.Model(
+        inputs, keras.layers.Dense(OUTPUTS, name="last")(hidden), accumulation_steps=K
+    )
+    model.quantize("float8")
+    compiled(model).fit(*data(K), batch_size=MICRO, shuffle=False, verbose=0)
+    converted = accum_keras.layers.convert_batch_normalization(model)
+    assert isinstance(converted.get_layer("bn"), accum_keras.layers.AccumBatchNormalization)
+    assert converted.get_layer("hidden").quantization_mode == "float8"
+    trained = values(model.weights)
+    assert sorted(trained) == sorted(v.path for v in converted.weights)
+    for variable in converted.weights:
+        np.testing.assert_array_equal(np.asarray(variable), trained[variable.path], variable.path)
+
+
 def lora_stack(model_class=keras.Model, **kwargs) -> keras.Model:
     """The int8 + LoRA fine-tuning recipe: quantize, then train only rank-2 factors."""
     keras.utils.set_random_seed(1)

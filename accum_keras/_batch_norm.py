@@ -248,5 +248,13 @@ def convert_batch_normalization(model: keras.Model) -> keras.Model:
     from accum_keras._accumulate import clone_model
 
     converted = clone_model(model, clone_function=clone)
-    converted.set_weights(model.get_weights())
+    # By path, not by position: a float8-quantized layer rebuilt from its
+    # config lists its scales before its kernel, unlike the layer quantized
+    # by `quantize("float8")`.
+    values = {variable.path: variable for variable in model.weights}
+    if {variable.path for variable in converted.weights} == values.keys():
+        for variable in converted.weights:
+            variable.assign(values[variable.path])
+    else:
+        converted.set_weights(model.get_weights())
     return converted

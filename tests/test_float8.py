@@ -28,6 +28,7 @@ Tolerances, and why they are not all float32 round-off:
 from __future__ import annotations
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 from helpers import RTOL, train_step_applying_its_gradients
@@ -185,6 +186,71 @@ def test_a_short_last_window_keeps_float8_values_unsummed():
     assert_close(accumulating, values(plain.weights), FLOAT8_RTOL, expected)
 
 
+def saturated_output_gradients(model, x, y) -> int:
+    """How many of the last layer's output gradients plain Keras' next step on ``(x, y)`` clips.
+
+    Keras' float8 `Dense` divides the gradient of its output by
+    ``outputs_grad_scale`` (set from the amax history of earlier steps:
+    delayed scaling) and clips it to float8 e5m2's largest value. With no
+    activation after it, that gradient is the mean squared error's,
+    ``2 (prediction - y) / size``; the forward pass it follows does not
+    depend on ``training``.
+    """
+    prediction = keras.ops.convert_to_numpy(model(x))
+    scaled = 2 * (prediction - y) / prediction.size
+    scale = float(keras.ops.convert_to_numpy(model.get_layer("last").outputs_grad_scale))
+    return int((np.abs(scaled / scale) > float(ml_dtypes.finfo("float8_e5m2").max)).sum())
+
+
+def test_a_short_window_differs_from_plain_keras_only_where_its_delayed_scaling_saturates():
+    # Two full windows set the output-gradient scales from real amaxes; then a
+    # window of 2 micro-batches closes at the epoch's end. Plain Keras' short
+    # batch has K / 2 times larger per-sample output gradients than the
+    # window's backward passes (normalized by K micro-batches, see
+    # docs/how-it-works.md) and clips some to e5m2's range. With its
+    # output-gradient scales multiplied by K / 2 for that step, it rounds
+    # every value as the window does (the same quotient, and K / 2 = 2 is a
+    # power of two) and clips only what the window clips too: then the runs
+    # agree. The newest output-gradient amax is the window's, 2 / K of plain
+    # Keras'.
+    short = 2
+    accumulating = compiled(accumulating_stack())
+    x, y = data(2 * K + short)
+    accumulating.fit(x, y, batch_size=MICRO, shuffle=False, verbose=0)
+    full = 2 * K * MICRO
+
+    plain = compiled(dense_stack())
+    plain.fit(x[:full], y[:full], batch_size=K * MICRO, shuffle=False, verbose=0)
+    after_full_windows = plain.get_weights()
+
+    def plain_keras(output_gradient_scale_factor: float) -> tuple[int, dict]:
+        """Plain Keras' short step from the state after the full windows (plain SGD: no slots)."""
+        plain.set_weights(after_full_windows)
+        for layer in ("hidden", "last"):
+            scale = plain.get_layer(layer).outputs_grad_scale
+            scale.assign(scale * output_gradient_scale_factor)
+        clipped = saturated_output_gradients(plain, x[full:], y[full:])
+        plain.fit(x[full:], y[full:], batch_size=K * MICRO, shuffle=False, verbose=0)
+        return clipped, values(plain.weights)
+
+    def expected(variable, value):
+        if variable.path.endswith("outputs_grad_amax_history"):
+            value[0] *= short / K
+        return value
+
+    clipped, clipping = plain_keras(1.0)
+    assert clipped > 0, "plain Keras' short step should saturate e5m2 in this set-up"
+    gap = relative(accumulating.get_layer("hidden").bias, clipping["hidden/bias"])
+    assert gap > BFLOAT16_RTOL, f"plain Keras' clipped step is only {gap:.3g} away"
+
+    rescaled_clipped, rescaled = plain_keras(K / short)
+    assert rescaled_clipped < clipped
+    assert int(accumulating.optimizer.iterations.numpy()) == 3
+    # Kernels agree to ~1e-4, biases to the bfloat16 rounding of their
+    # gradients (~2e-3 of the largest bias): 2**-6 bounds both.
+    assert_close(accumulating, rescaled, BFLOAT16_RTOL, expected)
+
+
 def test_a_mid_window_save_resumes_float8_training_exactly(tmp_path):
     x, y = data(2 * K)
     uninterrupted = compiled(accumulating_stack())
@@ -231,6 +297,27 @@ def test_a_user_written_step_keeps_float8_values_unsummed(big_batch):
         wanted = expected(variable, trained[variable.path].copy())
         rtol = RTOL if is_overwritten(variable) else FLOAT8_RTOL
         np.testing.assert_allclose(np.asarray(variable), wanted, rtol=rtol, err_msg=variable.path)
+
+
+def test_convert_batch_normalization_keeps_a_float8_models_weights():
+    # Keras rebuilds a float8 layer from its config with its scales before
+    # its kernel: weights copied by position would not fit.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((FEATURES,))
+    normalized = keras.layers.BatchNormalization(name="bn")(inputs)
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(normalized)
+    model = accum_keras.Model(
+        inputs, keras.layers.Dense(OUTPUTS, name="last")(hidden), accumulation_steps=K
+    )
+    model.quantize("float8")
+    compiled(model).fit(*data(K), batch_size=MICRO, shuffle=False, verbose=0)
+    converted = accum_keras.layers.convert_batch_normalization(model)
+    assert isinstance(converted.get_layer("bn"), accum_keras.layers.AccumBatchNormalization)
+    assert converted.get_layer("hidden").quantization_mode == "float8"
+    trained = values(model.weights)
+    assert sorted(trained) == sorted(v.path for v in converted.weights)
+    for variable in converted.weights:
+        np.testing.assert_array_equal(np.asarray(variable), trained[variable.path], variable.path)
 
 
 def lora_stack(model_class=keras.Model, **kwargs) -> keras.Model:

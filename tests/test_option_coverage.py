@@ -132,12 +132,12 @@ DRAWN_FEATURES: dict[str, Callable[[Configuration], bool]] = {
     "save/load mid-window": lambda config: True,  # an event of every example
     "user-written `train_step`": lambda config: config.kind in ("super_step", "own_gradients_step"),
     "in-step mode (`micro_batch_size`)": lambda config: config.micro_batch_size is not None,
+    'float8 training (`quantize("float8")`)': lambda config: config.float8,
 }
 # The other rows of the matrix: tested apart (costly set-ups: other processes,
 # devices, downloads of architectures) or not supported.
 OTHER_FEATURES = [
     "dtype policy `mixed_float16`",  # left out of the draw for now (see POLICIES there)
-    'float8 training (`quantize("float8")`)',
     "int8 quantization + LoRA",
     "`MirroredStrategy`",
     "`MultiWorkerMirroredStrategy`",

@@ -170,10 +170,10 @@ class Jobs:
     def start(self) -> None:
         self._thread.start()
 
-    def _take(self, name: str | None = None) -> str | None:
+    def _take(self, name: str | None = None, last: bool = False) -> str | None:
         with self._lock:
             if name is None:
-                return self._queue.pop(0) if self._queue else None
+                return self._queue.pop(-1 if last else 0) if self._queue else None
             if name in self._queue:
                 self._queue.remove(name)
                 return name
@@ -218,13 +218,18 @@ class Jobs:
         return completed
 
     def result(self, name: str) -> subprocess.CompletedProcess:
-        """The job's output: waits for it, or runs it here if it has not started.
+        """The job's output: runs it here if it has not started, or waits for it.
+
+        While it runs on the background thread, this thread runs the jobs
+        still queued, from the back of the queue, instead of waiting idle.
 
         Raises:
             Hung: it printed nothing for ``idle_limit`` seconds (it was killed).
         """
         if self._take(name) is not None:
             self._run_and_record(name)
+        while not self._finished[name].is_set() and (other := self._take(last=True)):
+            self._run_and_record(other)
         self._finished[name].wait()
         outcome = self._results[name]
         if isinstance(outcome, Exception):

@@ -65,6 +65,25 @@ def test_a_suite_that_prints_nothing_for_the_idle_limit_is_killed_as_hung():
         jobs.result("jax")
 
 
+def test_a_test_waiting_for_a_running_job_runs_the_queued_ones_from_the_back_meanwhile():
+    # The background thread takes "first" (2 s); the test that reads it runs
+    # "third", then "second", instead of waiting idle: both cores stay busy.
+    lines = []
+    quick = [sys.executable, "-c", "print('done')"]
+    slow = [sys.executable, "-c", "import time; time.sleep(2); print('done')"]
+    jobs = Jobs(
+        {"first": (slow, None), "second": (quick, None), "third": (quick, None)},
+        write=lines.append,
+    )
+    jobs.start()
+    while "[first] started in a subprocess" not in lines:
+        time.sleep(0.05)
+    assert jobs.result("first").returncode == 0
+    started = [line.split("]")[0][1:] for line in lines if line.endswith("started in a subprocess")]
+    assert started == ["first", "third", "second"], lines
+    assert jobs.result("second").returncode == jobs.result("third").returncode == 0
+
+
 def test_the_summary_and_the_slowest_tests_are_read_from_the_output():
     stdout = (
         "tests/test_a.py::test_one PASSED\n"

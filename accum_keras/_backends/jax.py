@@ -455,54 +455,6 @@ def batch_shards(batch_size: int) -> int:
     return shards
 
 
-#: The most full micro-batches `split_train_step` unrolls on a CPU (see `_unrolls`).
-CPU_UNROLL_LIMIT = 16
-
-
-def _unrolls(full: int) -> bool:
-    """Whether `split_train_step` unrolls its ``full`` micro-batches instead of scanning.
-
-    XLA's CPU compiler rewrites a convolution into the form its fast (Eigen)
-    kernels take only in the program's top-level computation
-    (``ConvCanonicalization`` visits the entry computation alone). The
-    gradient convolutions inside a ``lax.scan``'s loop body then run as
-    generic loops, several times slower (docs/performance.md). Unrolled, they
-    are top-level. Unrolling multiplies the program, so only up to
-    `CPU_UNROLL_LIMIT` micro-batches, and only on the CPU: accelerator
-    compilers were not measured and keep the scan.
-
-    Args:
-        full: the number of full micro-batches (a Python int).
-
-    Returns:
-        True to unroll.
-    """
-    return jax.default_backend() == "cpu" and full <= CPU_UNROLL_LIMIT
-
-
-def _after_gradients(gradients: Sequence[Any]) -> Any:
-    """An int32 zero that XLA cannot compute before ``gradients``.
-
-    XLA's CPU compiler drops ``lax.optimization_barrier``, and its scheduler
-    otherwise starts every unrolled micro-batch's forward pass first (all
-    their activations live at once). Indexing the next micro-batch with this
-    zero makes it wait for the summed gradients. Non-finite sums give zero too.
-
-    Args:
-        gradients: the accumulators after the previous micro-batch.
-
-    Returns:
-        A scalar int32 zero.
-    """
-    firsts = [
-        jnp.ravel(gradient)[0].astype("float32") for gradient in gradients if jnp.size(gradient)
-    ]
-    if not firsts:
-        return jnp.zeros((), "int32")
-    total = sum(firsts)
-    return jnp.where(jnp.isfinite(total), total * 0.0, 0.0).astype("int32")
-
-
 def split_train_step(model, state, data):
     """The in-step mode: the whole batch's step, run as micro-batches in a loop.
 
@@ -561,21 +513,7 @@ def split_train_step(model, state, data):
             index, micro_batch = scanned
             return accumulate(carry, micro_batch, index == 0), None
 
-        if _unrolls(full):
-            for index in range(full):
-                # Micro-batch ``index`` is read only once the previous one's
-                # gradients are summed, so that one micro-batch's activations
-                # are live at a time (see `_after_gradients`).
-                position = index + _after_gradients(carry[2]["gradients"])
-                micro_batch = jax.tree.map(
-                    lambda leaf, at=position: jax.lax.dynamic_index_in_dim(
-                        leaf, at, keepdims=False
-                    ),
-                    stacked,
-                )
-                carry = accumulate(carry, micro_batch, jnp.asarray(index == 0))
-        else:
-            carry, _ = jax.lax.scan(body, carry, (jnp.arange(full), stacked))
+        carry, _ = jax.lax.scan(body, carry, (jnp.arange(full), stacked))
     if remainder:
         micro_batch = _splitting.remainder_micro_batch(data, full, size, shards)
         carry = accumulate(carry, micro_batch, jnp.asarray(full == 0))

@@ -522,10 +522,11 @@ def split_train_step(model, state, data):
     The full micro-batches of `accum_keras._split` (stacked by stride within
     each of the distribution's batch shards, so a batch sharded along its
     first axis stays sharded in each of them, see `batch_shards`) are
-    accumulated by one `jax.lax.scan`, whose carry holds the accumulators,
-    the window's counters, the non-trainable values and the metrics; the
-    remainder micro-batch follows; then the window is applied, with no
-    condition. The loss tracker is updated once, with the batch's loss and
+    accumulated by one `jax.lax.scan` (on a CPU, up to `CPU_UNROLL_LIMIT` of
+    them, the same loop unrolled: see `_unrolls`), whose carry holds the
+    accumulators, the window's counters, the non-trainable values and the
+    metrics; the remainder micro-batch follows; then the window is applied,
+    with no condition. The loss tracker is updated once, with the batch's loss and
     size, as Keras' step does; the compiled metrics per micro-batch (sums
     over samples).
 

@@ -162,3 +162,54 @@ def test_on_a_cpu_the_in_step_loop_is_unrolled_up_to_the_limit(monkeypatch, unro
     )
     text = jax.jit(in_step.train_step).lower(state, (x, y)).compile().as_text()
     assert text.count(" while(") == loops
+
+
+def _compiled_temp_bytes(model, x, y, compiler_options):
+    import jax
+
+    model.compile(keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x[:4], y[:4])  # builds the optimizer and window state
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+    step = jax.jit(model.train_step, compiler_options=compiler_options)
+    return step.lower(state, (x, y)).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_the_unrolled_step_keeps_one_micro_batch_of_a_max_pooling_cnn():
+    # Under XLA's default CPU scheduler the unrolled step created the
+    # max-pooling gradients' buffers of every micro-batch at its start
+    # (docs/performance.md); compiled as the mode's train function compiles
+    # it, it stays within the memory test's bound: twice plain Keras at the
+    # micro-batch, plus the fit batch's input and one copy of the weights.
+    import jax
+
+    import accum_keras
+    from accum_keras._backends import jax as jax_backend
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("only the CPU unrolls the loop")
+
+    def cnn():
+        inputs = keras.Input((16, 16, 3))
+        hidden = inputs
+        for channels in (4, 8, 16):
+            for _ in range(2):
+                hidden = keras.layers.Conv2D(channels, 3, padding="same", activation="relu")(hidden)
+            hidden = keras.layers.MaxPooling2D()(hidden)
+        hidden = keras.layers.GlobalAveragePooling2D()(hidden)
+        return inputs, keras.layers.Dense(10, activation="softmax")(hidden)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, 10, size=(16,)).astype("int32")
+    options = jax_backend.CPU_SPLIT_COMPILER_OPTIONS
+    keras.utils.set_random_seed(0)
+    in_step = accum_keras.Model(*cnn(), micro_batch_size=4)
+    in_step_bytes = _compiled_temp_bytes(in_step, x, y, options)
+    plain_bytes = _compiled_temp_bytes(keras.Model(*cnn()), x[:4], y[:4], options)
+    weight_bytes = sum(int(np.prod(v.shape)) * 4 for v in in_step.trainable_variables)
+    assert in_step_bytes <= 2 * plain_bytes + x.nbytes + weight_bytes

@@ -167,6 +167,13 @@ def symbolic_build(model, data_batch) -> None:
         raise cause from None
 
 
+def nnx_enabled() -> bool:
+    """``keras.src.backend.config.is_nnx_enabled()`` (Keras' JAX trainer then compiles with Flax NNX)."""
+    from keras.src.backend.config import is_nnx_enabled
+
+    return bool(is_nnx_enabled())
+
+
 def make_function(model, step) -> Any:
     """``Trainer._make_function(step)``: Keras' train function around one step.
 

@@ -379,8 +379,13 @@ class AccumulatingModel:
         self._prepare_accumulation()
         if self._splits_steps():
             _refuse_user_step_when_splitting(self)
-            # Keras' own train function around the splitting `train_step`.
-            return super().make_train_function(force=force)
+            make_split = getattr(_backend_module(), "make_split_train_function", None)
+            function = make_split(self) if make_split is not None else None
+            if function is None:
+                # Keras' own train function around the splitting `train_step`.
+                return super().make_train_function(force=force)
+            self.train_function = function
+            return self.train_function
         _custom_step.install(self, _backend_module())
         make = getattr(_backend_module(), "make_train_function", None)
         if (

@@ -74,6 +74,12 @@ def _tensorflow_peak(model, data) -> int:
     return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
 
 
+def _jax_backend():
+    import importlib
+
+    return importlib.import_module("accum_keras._backends.jax")
+
+
 def _jax_peak(model, data) -> int:
     import jax
 
@@ -85,7 +91,11 @@ def _jax_peak(model, data) -> int:
         optimizer_variables=True,
         metrics_variables=True,
     )
-    compiled = jax.jit(model.train_step).lower(state, data).compile()
+    # With the XLA options the in-step mode's train function compiles with.
+    options = getattr(_jax_backend(), "CPU_SPLIT_COMPILER_OPTIONS", None)
+    if jax.default_backend() != "cpu":
+        options = None
+    compiled = jax.jit(model.train_step, compiler_options=options).lower(state, data).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 

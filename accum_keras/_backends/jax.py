@@ -455,16 +455,78 @@ def batch_shards(batch_size: int) -> int:
     return shards
 
 
+#: The most full micro-batches `split_train_step` unrolls on a CPU (see `_unrolls`).
+CPU_UNROLL_LIMIT = 16
+
+#: XLA options of the in-step mode's compiled step on a CPU (see
+#: `make_split_train_function`).
+CPU_SPLIT_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _unrolls(full: int) -> bool:
+    """Whether `split_train_step` unrolls its ``full`` micro-batches instead of scanning.
+
+    XLA's CPU compiler rewrites a convolution into the dimension order its
+    fast (Eigen) kernels take only in the program's top-level computation
+    (its ``ConvCanonicalization`` pass visits the entry computation alone):
+    the gradient convolutions inside a ``lax.scan``'s loop body run as generic
+    loops, several times slower (docs/performance.md). Unrolled, they are
+    top-level. Unrolling multiplies the program and its compile time, so only
+    up to `CPU_UNROLL_LIMIT` micro-batches; only on the CPU (accelerator
+    compilers were not measured and keep the scan); and only without a
+    `keras.distribution` (the order that keeps one micro-batch live reads an
+    element of every accumulator, which could move data between devices).
+
+    Args:
+        full: the number of full micro-batches (a Python int).
+
+    Returns:
+        True to unroll.
+    """
+    return _on_cpu() and keras.distribution.distribution() is None and full <= CPU_UNROLL_LIMIT
+
+
+def _after_gradients(gradients: Sequence[Any]) -> Any:
+    """An int32 zero that XLA cannot compute before ``gradients``.
+
+    XLA's CPU compiler drops ``lax.optimization_barrier``, and its scheduler
+    may otherwise start every unrolled micro-batch's forward pass first (all
+    their activations live at once). Indexing the next micro-batch with this
+    zero makes it wait for the summed gradients. Non-finite sums give zero
+    too. Buffers that depend on no input (``iota``, zeros) can still be
+    created early: the memory-optimized scheduler of
+    `CPU_SPLIT_COMPILER_OPTIONS` keeps them with their micro-batch.
+
+    Args:
+        gradients: the accumulators after the previous micro-batch.
+
+    Returns:
+        A scalar int32 zero.
+    """
+    firsts = [
+        jnp.ravel(gradient)[0].astype("float32") for gradient in gradients if jnp.size(gradient)
+    ]
+    if not firsts:
+        return jnp.zeros((), "int32")
+    total = sum(firsts)
+    return jnp.where(jnp.isfinite(total), total * 0.0, 0.0).astype("int32")
+
+
 def split_train_step(model, state, data):
     """The in-step mode: the whole batch's step, run as micro-batches in a loop.
 
     The full micro-batches of `accum_keras._split` (stacked by stride within
     each of the distribution's batch shards, so a batch sharded along its
     first axis stays sharded in each of them, see `batch_shards`) are
-    accumulated by one `jax.lax.scan`, whose carry holds the accumulators,
-    the window's counters, the non-trainable values and the metrics; the
-    remainder micro-batch follows; then the window is applied, with no
-    condition. The loss tracker is updated once, with the batch's loss and
+    accumulated by one `jax.lax.scan` (on a CPU, up to `CPU_UNROLL_LIMIT` of
+    them, the same loop unrolled: see `_unrolls`), whose carry holds the
+    accumulators, the window's counters, the non-trainable values and the
+    metrics; the remainder micro-batch follows; then the window is applied,
+    with no condition. The loss tracker is updated once, with the batch's loss and
     size, as Keras' step does; the compiled metrics per micro-batch (sums
     over samples).
 
@@ -513,7 +575,21 @@ def split_train_step(model, state, data):
             index, micro_batch = scanned
             return accumulate(carry, micro_batch, index == 0), None
 
-        carry, _ = jax.lax.scan(body, carry, (jnp.arange(full), stacked))
+        if _unrolls(full):
+            for index in range(full):
+                # Micro-batch ``index`` is read only once the previous one's
+                # gradients are summed, so that one micro-batch's activations
+                # are live at a time (see `_after_gradients`).
+                position = index + _after_gradients(carry[2]["gradients"])
+                micro_batch = jax.tree.map(
+                    lambda leaf, at=position: jax.lax.dynamic_index_in_dim(
+                        leaf, at, keepdims=False
+                    ),
+                    stacked,
+                )
+                carry = accumulate(carry, micro_batch, jnp.asarray(index == 0))
+        else:
+            carry, _ = jax.lax.scan(body, carry, (jnp.arange(full), stacked))
     if remainder:
         micro_batch = _splitting.remainder_micro_batch(data, full, size, shards)
         carry = accumulate(carry, micro_batch, jnp.asarray(full == 0))
@@ -582,6 +658,34 @@ def _loss_scale(optimizer):
 def _summing_dtype(accumulated):
     """float32 for half-precision accumulators, their own dtype otherwise."""
     return jnp.promote_types(accumulated.dtype, jnp.float32)
+
+
+def make_split_train_function(model):
+    """The in-step mode's ``train_function`` on a CPU: Keras' own, compiled with XLA options.
+
+    Keras' JAX trainer compiles ``train_step`` with ``jax.jit``; this does the
+    same with `CPU_SPLIT_COMPILER_OPTIONS` (XLA's memory-optimized CPU
+    scheduler, without which an unrolled step held every micro-batch's
+    max-pool buffers at once: see docs/performance.md).
+
+    Returns:
+        The train function, or None where Keras' own applies unchanged (not on
+        a CPU, not compiled, or Flax NNX, which compiles with ``nnx.jit``).
+    """
+    if not _on_cpu() or model.run_eagerly or not model.jit_compile:
+        return None
+    if _keras_internals.nnx_enabled():
+        return None
+    out_shardings = None
+    if keras.distribution.distribution() is not None:
+        out_shardings = (None, _keras_internals.state_sharding_spec(model))
+    step = jax.jit(
+        model.train_step,
+        donate_argnums=0,
+        out_shardings=out_shardings,
+        compiler_options=CPU_SPLIT_COMPILER_OPTIONS,
+    )
+    return _keras_internals.make_function(model, step)
 
 
 def make_train_function(model):

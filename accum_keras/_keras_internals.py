@@ -169,9 +169,11 @@ def symbolic_build(model, data_batch) -> None:
 
 def nnx_enabled() -> bool:
     """``keras.src.backend.config.is_nnx_enabled()`` (Keras' JAX trainer then compiles with Flax NNX)."""
-    from keras.src.backend.config import is_nnx_enabled
+    from keras.src.backend import config
 
-    return bool(is_nnx_enabled())
+    # Keras before 3.11 has no Flax NNX support, nor the function.
+    is_nnx_enabled = getattr(config, "is_nnx_enabled", None)
+    return bool(is_nnx_enabled is not None and is_nnx_enabled())
 
 
 def make_function(model, step) -> Any:

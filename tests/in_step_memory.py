@@ -92,9 +92,8 @@ def _jax_peak(model, data) -> int:
         metrics_variables=True,
     )
     # With the XLA options the in-step mode's train function compiles with.
-    options = getattr(_jax_backend(), "CPU_SPLIT_COMPILER_OPTIONS", None)
-    if jax.default_backend() != "cpu":
-        options = None
+    options_of = getattr(_jax_backend(), "_cpu_split_compiler_options", None)
+    options = options_of() if options_of is not None and jax.default_backend() == "cpu" else None
     compiled = jax.jit(model.train_step, compiler_options=options).lower(state, data).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

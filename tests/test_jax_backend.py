@@ -118,6 +118,17 @@ def _in_step_twins(micro_batch_size):
     return in_step, plain
 
 
+def _skip_unless_the_cpu_unrolls():
+    import jax
+
+    from accum_keras._backends import jax as jax_backend
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("only the CPU unrolls the loop")
+    if jax_backend._cpu_split_compiler_options() is None:
+        pytest.skip("this jaxlib's XLA has no memory-optimized CPU scheduler: the mode scans")
+
+
 @pytest.mark.parametrize("unroll_limit", [0, 16], ids=["scanned", "unrolled"])
 def test_the_in_step_step_scanned_or_unrolled_is_plain_keras_at_the_fit_batch(
     monkeypatch, unroll_limit
@@ -127,6 +138,8 @@ def test_the_in_step_step_scanned_or_unrolled_is_plain_keras_at_the_fit_batch(
     # batch's step.
     from accum_keras._backends import jax as jax_backend
 
+    if unroll_limit:
+        _skip_unless_the_cpu_unrolls()
     monkeypatch.setattr(jax_backend, "CPU_UNROLL_LIMIT", unroll_limit)
     in_step, plain = _in_step_twins(micro_batch_size=5)
     x, y = regression_data(30)
@@ -148,8 +161,7 @@ def test_on_a_cpu_the_in_step_loop_is_unrolled_up_to_the_limit(monkeypatch, unro
 
     from accum_keras._backends import jax as jax_backend
 
-    if jax.default_backend() != "cpu":
-        pytest.skip("only the CPU unrolls the loop")
+    _skip_unless_the_cpu_unrolls()
     monkeypatch.setattr(jax_backend, "CPU_UNROLL_LIMIT", unroll_limit)
     in_step, _ = _in_step_twins(micro_batch_size=2)
     x, y = regression_data(6)
@@ -185,13 +197,11 @@ def test_the_unrolled_step_keeps_one_micro_batch_of_a_max_pooling_cnn():
     # (docs/performance.md); compiled as the mode's train function compiles
     # it, it stays within the memory test's bound: twice plain Keras at the
     # micro-batch, plus the fit batch's input and one copy of the weights.
-    import jax
 
     import accum_keras
     from accum_keras._backends import jax as jax_backend
 
-    if jax.default_backend() != "cpu":
-        pytest.skip("only the CPU unrolls the loop")
+    _skip_unless_the_cpu_unrolls()
 
     def cnn():
         inputs = keras.Input((16, 16, 3))
@@ -206,7 +216,7 @@ def test_the_unrolled_step_keeps_one_micro_batch_of_a_max_pooling_cnn():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 16, 16, 3)).astype("float32")
     y = rng.integers(0, 10, size=(16,)).astype("int32")
-    options = jax_backend.CPU_SPLIT_COMPILER_OPTIONS
+    options = jax_backend._cpu_split_compiler_options()
     keras.utils.set_random_seed(0)
     in_step = accum_keras.Model(*cnn(), micro_batch_size=4)
     in_step_bytes = _compiled_temp_bytes(in_step, x, y, options)

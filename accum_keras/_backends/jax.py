@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -467,6 +468,22 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+@functools.cache
+def _cpu_split_compiler_options() -> dict[str, str] | None:
+    """`CPU_SPLIT_COMPILER_OPTIONS` if this jaxlib's XLA knows them, else None.
+
+    Older XLA (jaxlib 0.6) refuses the scheduler option ("No such compile
+    option"); there the in-step mode keeps Keras' compile and the scan.
+    """
+    try:
+        jax.jit(lambda x: x, compiler_options=CPU_SPLIT_COMPILER_OPTIONS).lower(
+            jnp.zeros(())
+        ).compile()
+    except Exception:  # XlaRuntimeError, or TypeError from a jax without compiler_options
+        return None
+    return CPU_SPLIT_COMPILER_OPTIONS
+
+
 def _unrolls(full: int) -> bool:
     """Whether `split_train_step` unrolls its ``full`` micro-batches instead of scanning.
 
@@ -487,7 +504,12 @@ def _unrolls(full: int) -> bool:
     Returns:
         True to unroll.
     """
-    return _on_cpu() and keras.distribution.distribution() is None and full <= CPU_UNROLL_LIMIT
+    return (
+        _on_cpu()
+        and keras.distribution.distribution() is None
+        and full <= CPU_UNROLL_LIMIT
+        and _cpu_split_compiler_options() is not None
+    )
 
 
 def _after_gradients(gradients: Sequence[Any]) -> Any:
@@ -674,6 +696,8 @@ def make_split_train_function(model):
     """
     if not _on_cpu() or model.run_eagerly or not model.jit_compile:
         return None
+    if _cpu_split_compiler_options() is None:
+        return None
     if _keras_internals.nnx_enabled():
         return None
     out_shardings = None
@@ -683,7 +707,7 @@ def make_split_train_function(model):
         model.train_step,
         donate_argnums=0,
         out_shardings=out_shardings,
-        compiler_options=CPU_SPLIT_COMPILER_OPTIONS,
+        compiler_options=_cpu_split_compiler_options(),
     )
     return _keras_internals.make_function(model, step)
 

@@ -78,6 +78,17 @@ def test_skip_nonfinite_updates_skips_a_window_on_every_replica_when_one_replica
     assert result["effective_batch_size"] == [32.0, 32.0]
 
 
+def test_a_window_opened_by_train_on_batch_and_closed_by_fit_is_the_global_big_batch(
+    mirrored_results,
+):
+    # Found by the randomized test under the strategy: train_on_batch hands
+    # every replica the whole batch, and its micro-batch counted twice in the
+    # window (1.1e-2 relative from the reference).
+    result = mirrored_results["train_on_batch_then_fit"]
+    assert result["updates"] == result["reference_updates"] == 1
+    assert result["difference"] <= RTOL
+
+
 def test_a_mid_window_save_resumes_exactly_on_every_replica(mirrored_results):
     # Each replica rounds its own half-precision accumulator: the checkpoint
     # keeps every replica's share, not only their sum.

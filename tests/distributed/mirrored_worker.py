@@ -151,6 +151,35 @@ def skip_with_nan_on_one_replica():
     }
 
 
+def train_on_batch_then_fit():
+    """A window opened by ``train_on_batch`` and closed by ``fit()``, micro-batches of 3.
+
+    Keras' ``train_on_batch`` hands every replica the whole batch, ``fit()``
+    splits its batches (2 + 1 rows here); the reference is plain Keras on one
+    device, on the window's 12 rows at once.
+    """
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 5)).astype("float32")
+    y = rng.normal(size=(12, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    reference = keras.Model(*layers())
+    initial = reference.get_weights()
+    reference.compile(keras.optimizers.SGD(0.1), loss="mse")
+    reference.train_on_batch(x, y)
+    strategy = new_strategy()
+    with strategy.scope():
+        model = accum_keras.Model(*layers(), accumulation_steps=K)
+        model.set_weights(initial)
+        model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    model.train_on_batch(x[:3], y[:3])
+    model.fit(x[3:], y[3:], batch_size=3, shuffle=False, verbose=0)
+    return "train_on_batch_then_fit", {
+        "difference": max_relative_difference(model.get_weights(), reference.get_weights()),
+        "updates": int(model.optimizer.iterations.numpy()),
+        "reference_updates": int(reference.optimizer.iterations.numpy()),
+    }
+
+
 class SaveAt(keras.callbacks.Callback):
     """Saves the model (or its weights) after one batch, mid-window."""
 
@@ -271,6 +300,7 @@ cases = dict(
             quantize="float8",
         ),
         skip_with_nan_on_one_replica(),
+        train_on_batch_then_fit(),
         # After other strategies' fits: each strategy has its own collective
         # keys (`new_strategy`).
         resume_case("resume_bfloat16", "bfloat16", "keras"),

@@ -3,7 +3,8 @@
 Prints one JSON line: for each case, the relative weight difference to plain
 Keras on one device with the global big batch, and both update counts; for
 the ``resume_*`` cases (argument ``resume``), the difference between a run resumed from a
-mid-window save and the uninterrupted run.
+mid-window save and the uninterrupted run; and ``randomized_state_machine``, the
+randomized window test run under the strategy (tests/distributed_state_machine.py).
 """
 
 import json
@@ -26,6 +27,7 @@ import keras  # noqa: E402
 import accum_keras  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import distributed_state_machine  # noqa: E402
 from helpers import max_relative_difference  # noqa: E402
 
 GLOBAL_MICRO, K = 8, 4
@@ -306,4 +308,6 @@ cases = dict(
         resume_case("resume_bfloat16", "bfloat16", "keras"),
     ]
 )
+# Last: its examples make strategies of their own (`new_strategy`).
+cases["randomized_state_machine"] = distributed_state_machine.run(new_strategy=new_strategy)
 print(json.dumps(cases))

@@ -9,10 +9,8 @@ reference and its invariant: `WindowLife`) under a distribution:
   (`tests/distributed/mirrored_worker.py` runs it). Models are built and
   compiled in the strategy's scope, ``fit()`` and ``train_on_batch`` run
   outside it (the pattern docs/distributed.md shows). The reference is
-  plain Keras on one device, on the global big batch: the micro-batches of 3
-  rows split 2 + 1 over the replicas, where plain Keras under the strategy
-  would weigh the two shares' means equally, so only the single-device big
-  batch is what accumulation must equal.
+  plain Keras on one device, on the global big batch; micro-batches have 4
+  rows, 2 per replica (see ``TF_MICRO``).
 - JAX: `keras.distribution.DataParallel` on 8 host devices, or
   `ModelParallel` on a (4, 2) ``("batch", "model")`` mesh with a broad
   `LayoutMap` (``.*kernel`` and ``.*bn.*``, every kernel and every
@@ -26,8 +24,8 @@ What is drawn: the model kind, BatchNormalization (plain or
 `AccumBatchNormalization`, with every argument), ``skip_nonfinite_updates``
 with poisoned micro-batches, streaming ``accumulation_steps`` or the in-step
 ``micro_batch_size``, an `AccumulationCallback` (linear scaling or none: its
-logged ``effective_batch_size`` must be global), and on JAX the distribution
-and the layout key. Events: ``train_on_batch`` micro-batches, fits (short last
+logged ``effective_batch_size`` must be global), on TensorFlow compiled or
+eager steps, and on JAX the distribution and the layout key (jitted steps). Events: ``train_on_batch`` micro-batches, fits (short last
 windows, stops, interrupts), apply, discard, save and load into a fresh model
 (built in the scope). Everything else stays at the single-device test's
 defaults (float32, no Embedding, no loss scaling): those axes do not meet the
@@ -48,9 +46,10 @@ events kept here do not: they are left to the single-device test, to keep the
 budget.
 
 The budget (``EXAMPLES``) is small and fixed, as the workers run on the
-test session's background lane: TensorFlow 15 examples took 28-35 CPU-s on
-the project's 2-core VM, JAX 12 took 58-63 CPU-s (XLA compiles each eager
-operation once per layout), so 10 there, to stay under 60 s each. The draw
+test session's background lane (target: under 60 CPU-s each). Measured on
+the project's 2-core VM while shared: TensorFlow 12 examples, compiled or
+eager as drawn, 30 CPU-s; JAX 12 examples, jitted, 44 CPU-s (run eagerly,
+58-63: XLA compiles each eager operation again for each layout). The draw
 is the single-device test's (the same examples every run unless
 ``ACCUM_KERAS_STATE_MACHINE_EXPLORE=1``).
 """
@@ -75,6 +74,13 @@ from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 
 BACKEND = keras.backend.backend()
 
+# Every batch splits evenly between the two replicas: on an uneven split
+# plain Keras under the strategy weighs the replicas' means equally, which is
+# not the single-device big batch, and so does the model wherever it runs
+# Keras' own step (k = 1, the in-step mode). Accumulated windows (k >= 2)
+# normalize globally, uneven shares too (tests/test_distributed.py's
+# train_on_batch_then_fit case: micro-batches of 3 rows).
+TF_MICRO = 4
 # A JAX batch is laid out over the batch axis (8 devices of DataParallel, 4 of
 # the ModelParallel mesh): its rows must divide over them.
 JAX_MICRO = 8
@@ -97,6 +103,17 @@ class DistributedConfiguration(machine.Configuration):
     distribution: str = "none"  # "mirrored", "data_parallel" or "model_parallel"
     layout: tuple = ()  # ModelParallel's LayoutMap entries: ((key, axes), ...)
     layout_kind: str | None = None  # "broad" or "narrow"
+    run_eagerly: bool = False
+
+
+def compile_model(model, config: DistributedConfiguration) -> None:
+    """The machine's ``compile_model``, with the configuration's ``run_eagerly``.
+
+    Compiled is the path users take. On JAX it is also the cheaper one: run
+    eagerly, XLA compiles every operation anew for each layout (58-63 CPU-s
+    for 12 examples, 44 compiled).
+    """
+    model.compile(machine.optimizer(config), loss="mse", run_eagerly=config.run_eagerly)
 
 
 def use_micro_batch_rows(rows: int) -> None:
@@ -187,6 +204,9 @@ def distributed_configurations(draw) -> DistributedConfiguration:
         distribution=distribution,
         layout=layout,
         layout_kind=layout_kind,
+        # TensorFlow: compiled (tf.function, merge_call in a graph) or eager
+        # (each replica a thread); JAX: jitted (see `compile_model`).
+        run_eagerly=BACKEND == "tensorflow" and draw(st.booleans()),
     )
 
 
@@ -234,12 +254,20 @@ class DistributedWindowLife(machine.WindowLife):
                 "mode": "streaming" if config.micro_batch_size is None else "in_step",
                 "distribution": config.distribution,
                 "layout": config.layout_kind,
+                "run_eagerly": config.run_eagerly,
             }
         )
+        print(f"  configuration: {self.drawn[-1]}", file=sys.stderr, flush=True)
         if BACKEND == "jax":
             # Models, reference and events alike (see the module's docstring).
             keras.distribution.set_distribution(jax_distribution(config))
             machine.WindowLife.configure(self, config)
+            # Copies: the model's compiled steps donate their arrays, which
+            # the reference received by `assign`.
+            for reference, variable in zip(
+                machine.trained_weights(self.plain), machine.trained_weights(self.model)
+            ):
+                reference.assign(keras.ops.convert_to_numpy(variable))
             return
         # The reference is built on one device, the model in the strategy's scope.
         machine.WindowLife.configure(self, config)
@@ -269,7 +297,7 @@ class DistributedWindowLife(machine.WindowLife):
 
 
 # The budget (``max_examples``), per backend; see the module's docstring.
-EXAMPLES = {"tensorflow": 15, "jax": 10}
+EXAMPLES = {"tensorflow": 12, "jax": 12}
 EXAMPLES_ENV = "ACCUM_KERAS_DISTRIBUTED_STATE_MACHINE_EXAMPLES"
 
 
@@ -291,8 +319,9 @@ def run(examples: int | None = None, steps: int = 8, new_strategy=None) -> dict:
     """
     if examples is None:
         examples = int(os.environ.get(EXAMPLES_ENV, EXAMPLES[BACKEND]))
-    if BACKEND == "jax":
-        use_micro_batch_rows(JAX_MICRO)
+    use_micro_batch_rows(JAX_MICRO if BACKEND == "jax" else TF_MICRO)
+    # Read by the machine when it runs, as ``MICRO`` (see `use_micro_batch_rows`).
+    machine.compile_model = compile_model
     directory = tempfile.mkdtemp(prefix="accum_keras_distributed_machine_")
     count = 0
     started, cpu_started = time.monotonic(), time.process_time()

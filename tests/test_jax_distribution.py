@@ -155,14 +155,15 @@ def test_random_configurations_and_window_events_match_the_reference_under_layou
     `DataParallel`, or `ModelParallel` on a (4, 2) mesh with a broad
     `LayoutMap` (every kernel, every BatchNormalization variable) or a narrow
     one (one variable's path), against plain Keras under the same
-    distribution. Budget: 10 examples of at most 8 events, the same examples
-    every run (``ACCUM_KERAS_STATE_MACHINE_EXPLORE=1`` draws new ones,
-    ``ACCUM_KERAS_DISTRIBUTED_STATE_MACHINE_EXAMPLES`` sets the count). How it
-    was chosen: 12 examples took 58-63 CPU-s on the 2-core VM, mostly XLA
-    compiling each eager operation for each new layout, over the 60 s
-    target on the background lane; 10 stay under it. At 12 the draw found a
-    window applied right after loading that kept AccumBatchNormalization's
-    pooled statistics (fixed with it, a JAX bug on one device too).
+    distribution, with jitted steps. Budget: 12 examples of at most 8 events,
+    the same examples every run (``ACCUM_KERAS_STATE_MACHINE_EXPLORE=1`` draws
+    new ones, ``ACCUM_KERAS_DISTRIBUTED_STATE_MACHINE_EXAMPLES`` sets the
+    count). How it was chosen: the target is under 60 CPU-s on the background
+    lane; 12 examples took 44 CPU-s on the 2-core VM (run eagerly, 58-63:
+    XLA compiles each eager operation again for each layout). An eager draw
+    of 12 found a window applied right after loading that kept
+    AccumBatchNormalization's pooled statistics (fixed with it, a JAX bug on
+    one device too).
     """
     result = model_parallel["randomized_state_machine"]
     assert result["failure"] is None, result["failure"]

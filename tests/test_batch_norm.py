@@ -182,3 +182,37 @@ def test_conversion_keeps_weights_and_serializes(tmp_path):
 def test_renorm_is_rejected():
     with pytest.raises(ValueError, match="renorm"):
         AccumBatchNormalization(renorm=True)
+
+
+def test_a_window_applied_right_after_loading_leaves_the_next_window_its_own_statistics(tmp_path):
+    # Found by the randomized test under distributions (on JAX, one device
+    # too): a window loaded into a fresh model and applied by
+    # `apply_pending_window()` before any step kept its pooled statistics in
+    # the layer, and the next window pooled them again with its own.
+    x, y = images((1 + K) * MICRO)
+    path = str(tmp_path / "window.weights.h5")
+
+    def accumulating():
+        keras.utils.set_random_seed(0)
+        model = accum_keras.Model(*bn_layers(AccumBatchNormalization)(), accumulation_steps=K)
+        model.compile(keras.optimizers.SGD(0.0), loss="mse")
+        return model
+
+    model = accumulating()
+    plain = keras.Model(*bn_layers(keras.layers.BatchNormalization)())
+    plain.set_weights(model.get_weights())
+    plain.compile(keras.optimizers.SGD(0.0), loss="mse")
+    model.train_on_batch(x[:MICRO], y[:MICRO])  # a window of one micro-batch, open
+    model.save_weights(path)
+    fresh = accumulating()
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.load_weights(path)
+    assert fresh.apply_pending_window()
+    for start in range(MICRO, (1 + K) * MICRO, MICRO):
+        fresh.train_on_batch(x[start : start + MICRO], y[start : start + MICRO])
+    # The big batch's: the loaded window's micro-batch, then a batch of K.
+    plain.train_on_batch(x[:MICRO], y[:MICRO])
+    plain.train_on_batch(x[MICRO:], y[MICRO:])
+    assert fresh.pending_micro_steps == 0
+    for ours, reference in zip(moving_statistics(fresh), moving_statistics(plain)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)

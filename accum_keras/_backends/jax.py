@@ -92,7 +92,9 @@ def written_variables(model) -> list[Any]:
 
 
 def _window_layers(model) -> list[Any]:
-    return list(getattr(model, "_accumulation_window_layers", ()))
+    # Found now if no step has looked yet: a window loaded into a fresh model
+    # and applied before its first step must reset the layers' statistics too.
+    return _apply.window_layers(model)
 
 
 def _layer_statistics_variables(model) -> list[Any]:

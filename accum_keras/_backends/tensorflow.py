@@ -393,7 +393,9 @@ class TrainFunction:
         if not isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
             # `train_on_batch` and custom loops pass a Python iterable, of
             # which Keras runs up to `steps_per_execution` items.
-            iterator = list(itertools.islice(iterator, steps))
+            iterator = [
+                _split_over_replicas(model, data) for data in itertools.islice(iterator, steps)
+            ]
             steps = len(iterator)
         if getattr(model, "_accumulation_host_micro_step", None) is None:
             _sparse.new_fit(model)  # forgotten at fit() start (and when state is loaded)
@@ -406,6 +408,34 @@ class TrainFunction:
         model._accumulation_host_micro_step = micro_step_after(micro_step, steps, k)
         _sparse.warn_once_per_fit(model)
         return logs
+
+
+def _split_over_replicas(model, data):
+    """A ``train_on_batch`` batch, split between the replicas as ``fit()`` splits its batches.
+
+    Keras' ``train_on_batch`` hands every replica the whole batch. For one
+    update that is still the batch's (each replica's mean gradient, scaled by
+    1 / replicas, summed), but a window sums its micro-batches' gradients and
+    divisors over replicas: a whole micro-batch on every replica would count
+    once per replica, and outweigh the micro-batches ``fit()`` split in the
+    same window. Each replica gets its share of the rows (the first ones one
+    row more when they do not divide), as a distributed dataset gives them.
+    """
+    strategy = model.distribute_strategy
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1 or _keras_internals.in_multi_worker_mode(strategy):
+        # Several workers: each passes its own batch, already its share.
+        return data
+    rows = int(next(leaf for leaf in tree.flatten(data) if leaf is not None).shape[0])
+    sizes = [rows // replicas + (index < rows % replicas) for index in range(replicas)]
+    bounds = list(itertools.accumulate(sizes, initial=0))
+
+    def share(context):
+        replica = context.replica_id_in_sync_group
+        start, stop = bounds[replica], bounds[replica + 1]
+        return tree.map_structure(lambda value: None if value is None else value[start:stop], data)
+
+    return strategy.experimental_distribute_values_from_function(share)
 
 
 def micro_step_after(micro_step: int, steps: int, accumulation_steps: int) -> int:

@@ -12,7 +12,8 @@ its layout and its accumulator's, the per-device bytes of the weights, of
 Adam's slots and of the accumulators; the relative weight difference to
 plain Keras trained on the big batch under the same distribution; and the
 result shapes of the all-gathers in the compiled train steps of both
-models.
+models. Last, ``randomized_state_machine``: the randomized window test run
+under DataParallel and ModelParallel (tests/distributed_state_machine.py).
 """
 
 import json
@@ -33,6 +34,7 @@ import numpy as np  # noqa: E402
 import accum_keras  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import distributed_state_machine  # noqa: E402
 from helpers import max_relative_difference  # noqa: E402
 
 K = 4
@@ -296,4 +298,7 @@ def gemma_case(lora_rank=None):
 cases = [functional_case(), *(batch_norm_case(name) for name in BN_KEYS)]
 if "--no-keras-hub" not in sys.argv:
     cases += [gemma_case(), gemma_case(lora_rank=2)]
+# The randomized window test under DataParallel and ModelParallel (last: it
+# sets the distribution of its own examples).
+cases.append(("randomized_state_machine", distributed_state_machine.run()))
 print(json.dumps({"devices": len(jax.devices()), "cases": dict(cases)}))

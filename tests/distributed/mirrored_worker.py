@@ -3,7 +3,8 @@
 Prints one JSON line: for each case, the relative weight difference to plain
 Keras on one device with the global big batch, and both update counts; for
 the ``resume_*`` cases (argument ``resume``), the difference between a run resumed from a
-mid-window save and the uninterrupted run.
+mid-window save and the uninterrupted run; and ``randomized_state_machine``, the
+randomized window test run under the strategy (tests/distributed_state_machine.py).
 """
 
 import json
@@ -26,6 +27,7 @@ import keras  # noqa: E402
 import accum_keras  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import distributed_state_machine  # noqa: E402
 from helpers import max_relative_difference  # noqa: E402
 
 GLOBAL_MICRO, K = 8, 4
@@ -151,6 +153,35 @@ def skip_with_nan_on_one_replica():
     }
 
 
+def train_on_batch_then_fit():
+    """A window opened by ``train_on_batch`` and closed by ``fit()``, micro-batches of 3.
+
+    Keras' ``train_on_batch`` hands every replica the whole batch, ``fit()``
+    splits its batches (2 + 1 rows here); the reference is plain Keras on one
+    device, on the window's 12 rows at once.
+    """
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 5)).astype("float32")
+    y = rng.normal(size=(12, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    reference = keras.Model(*layers())
+    initial = reference.get_weights()
+    reference.compile(keras.optimizers.SGD(0.1), loss="mse")
+    reference.train_on_batch(x, y)
+    strategy = new_strategy()
+    with strategy.scope():
+        model = accum_keras.Model(*layers(), accumulation_steps=K)
+        model.set_weights(initial)
+        model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    model.train_on_batch(x[:3], y[:3])
+    model.fit(x[3:], y[3:], batch_size=3, shuffle=False, verbose=0)
+    return "train_on_batch_then_fit", {
+        "difference": max_relative_difference(model.get_weights(), reference.get_weights()),
+        "updates": int(model.optimizer.iterations.numpy()),
+        "reference_updates": int(reference.optimizer.iterations.numpy()),
+    }
+
+
 class SaveAt(keras.callbacks.Callback):
     """Saves the model (or its weights) after one batch, mid-window."""
 
@@ -271,9 +302,16 @@ cases = dict(
             quantize="float8",
         ),
         skip_with_nan_on_one_replica(),
+        train_on_batch_then_fit(),
         # After other strategies' fits: each strategy has its own collective
         # keys (`new_strategy`).
         resume_case("resume_bfloat16", "bfloat16", "keras"),
     ]
 )
-print(json.dumps(cases))
+# Last: its examples make strategies of their own (`new_strategy`).
+cases["randomized_state_machine"] = distributed_state_machine.run(new_strategy=new_strategy)
+print(json.dumps(cases), flush=True)
+# Once, after an explored randomized draw (ACCUM_KERAS_STATE_MACHINE_EXPLORE=1),
+# the process printed its results and then never exited (TensorFlow's
+# runtime at shutdown, not diagnosed): the results are out, so leave now.
+os._exit(0)

@@ -87,7 +87,13 @@ def _not_installed(backend: str) -> str | None:
     return None
 
 
-def _jax_compilation_cache(env: dict[str, str], directory) -> None:
+def jax_compilation_env(env: dict[str, str], directory) -> None:
+    """Sets, in a JAX subprocess's ``env``, the run's compilation cache and compile options.
+
+    Args:
+        env: the environment, changed in place (values already set stay).
+        directory: the compilation cache's directory.
+    """
     # The tests build the same small models again and again: within one run,
     # XLA executables are reused across tests (about a fifth of JAX's time).
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(directory))
@@ -119,7 +125,7 @@ def suite_command(
     """
     env = dict(os.environ, KERAS_BACKEND=backend, **{background.HEARTBEAT_ENV: "0"})
     if backend == "jax":
-        _jax_compilation_cache(env, os.path.join(directory, "jax_cache"))
+        jax_compilation_env(env, os.path.join(directory, "jax_cache"))
     # -v: one line per test, which the relay turns into progress lines.
     command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE"]
     return command + (tests or SUITE + SPECIFICS[backend]), env
@@ -223,7 +229,7 @@ def reading_order(item) -> int:
 
 def _data_parallel_command(scratch: str) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ, KERAS_BACKEND="jax")
-    _jax_compilation_cache(env, os.path.join(scratch, "jax_cache_data_parallel"))
+    jax_compilation_env(env, os.path.join(scratch, "jax_cache_data_parallel"))
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     ).strip()

@@ -23,6 +23,7 @@ import background
 import numpy as np
 import pytest
 from helpers import RTOL
+from test_backend_suites import jax_compilation_env
 
 BACKENDS = os.path.join(os.path.dirname(__file__), "backends")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +37,8 @@ pytestmark = pytest.mark.skipif(
 def _jax_env(tmp_path, **extra) -> dict[str, str]:
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", **extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    # Within one run, XLA executables are reused across the worker's models.
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # The suite's compilation cache and compile options (see there).
+    jax_compilation_env(env, tmp_path / "jax_cache")
     return env
 
 
@@ -258,7 +257,12 @@ def _run_two_processes(env, directory, timeout: float) -> list[tuple[int, str, s
 
 def test_two_jax_processes_train_like_plain_keras_on_the_global_big_batch(tmp_path):
     env = _jax_env(tmp_path)
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    # One CPU device per process.
+    env["XLA_FLAGS"] = " ".join(
+        flag
+        for flag in env.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    )
     try:
         outputs = _run_two_processes(env, tmp_path, timeout=300)
         if any(code != 0 and "in use" in stderr for code, _, stderr in outputs):

@@ -130,14 +130,20 @@ def data_parallel_case():
     return run("data_parallel", distribution, samples=80, batch=32, micro=8, optimizer=optimizer)
 
 
-def model_parallel_case():
+def _model_parallel() -> keras.distribution.ModelParallel:
+    """Dense kernels and biases split over 4 devices, the batch over 2."""
     mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
     layout_map = keras.distribution.LayoutMap(mesh)
     layout_map[".*dense.*kernel"] = (None, "model")
     layout_map[".*dense.*bias"] = ("model",)
-    distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+
+
+def model_parallel_case():
     optimizer = lambda: keras.optimizers.Adam(0.01)  # noqa: E731
-    return run("model_parallel", distribution, samples=56, batch=16, micro=4, optimizer=optimizer)
+    return run(
+        "model_parallel", _model_parallel(), samples=56, batch=16, micro=4, optimizer=optimizer
+    )
 
 
 def data_parallel_remainder_case():
@@ -151,13 +157,8 @@ def data_parallel_remainder_case():
 def model_parallel_remainder_case():
     # The batch axis has 2 devices: batches of 10 are two micro-batches of 4
     # (two rows from each half of the mesh) and a remainder of 2 (one each).
-    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
-    layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map[".*dense.*kernel"] = (None, "model")
-    layout_map[".*dense.*bias"] = ("model",)
-    distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
     optimizer = lambda: keras.optimizers.Adam(0.01)  # noqa: E731
-    return run("model_parallel_remainder", distribution, 30, 10, 4, optimizer, epochs=1)
+    return run("model_parallel_remainder", _model_parallel(), 30, 10, 4, optimizer, epochs=1)
 
 
 class Affine(keras.layers.Layer):

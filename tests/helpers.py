@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Iterator
 
 import keras
@@ -182,3 +183,50 @@ def split_rows_by_shard(rows: np.ndarray, micro_batch_size: int, shards: int = 1
     if len(rows) % micro_batch_size:
         parts.append(np.concatenate([block[full * per_block :] for block in blocks]))
     return parts
+
+
+# An HLO instruction ``%name = <result> <op>(...)``; XLA combines several
+# all-reduces into one with a tuple result.
+_COLLECTIVE = re.compile(
+    r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
+_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+
+
+def compiled_collectives(step, model, distribution, batch) -> list:
+    """``[result shape, kind]`` of each collective in ``step`` compiled as Keras does (JAX).
+
+    As Keras' JAX trainer compiles its step: ``jax.jit`` with the state's
+    layouts as output shardings, on a batch laid out by the distribution.
+
+    Args:
+        step: the train step (``model.train_step`` or another step of it).
+        model: the model whose state the step takes.
+        distribution: the `keras.distribution` the model was built under.
+        batch: the step's data (arrays or `jax.ShapeDtypeStruct`s), laid
+            out here as ``distribution`` lays out its inputs.
+
+    Returns:
+        The sorted ``[shape, kind]`` pairs (a tuple result counts each shape).
+    """
+    import jax
+
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+    # Shapes only: no data is placed (across processes, none could be).
+    batch = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=distribution.get_data_layout(a.shape).backend_layout
+        ),
+        batch,
+    )
+    compiled = jax.jit(step, out_shardings=(None, model._get_state_sharding_spec()))
+    text = compiled.lower(state, batch).compile().as_text()
+    found = []
+    for result, kind in _COLLECTIVE.findall(text):
+        found.extend([shape, kind] for shape in _SHAPE.findall(result))
+    return sorted(found)

@@ -23,7 +23,6 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 
-import re  # noqa: E402
 
 import jax  # noqa: E402
 import keras  # noqa: E402
@@ -32,41 +31,15 @@ import numpy as np  # noqa: E402
 import accum_keras  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import max_relative_difference, split_rows_by_shard  # noqa: E402
+from helpers import compiled_collectives, max_relative_difference, split_rows_by_shard  # noqa: E402
 
 FEATURES, OUTPUTS = 12, 24
-
-# An HLO instruction ``%name = <result> <op>(...)`` (as in
-# jax_model_parallel_worker.py, which runs its cases when imported).
-_COLLECTIVE = re.compile(
-    r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
-)
-_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
 
 
 def spec(variable) -> list:
     entries = list(variable.value.sharding.spec)
     entries += [None] * (len(variable.shape) - len(entries))
     return [list(e) if isinstance(e, tuple) else e for e in entries]
-
-
-def _collectives_of(step, model, distribution, batch) -> list:
-    """``(result shape, kind)`` of each collective of ``step`` compiled as Keras' trainer does."""
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-    )
-    batch = jax.tree.map(
-        lambda a: jax.device_put(a, distribution.get_data_layout(a.shape).backend_layout), batch
-    )
-    compiled = jax.jit(step, out_shardings=(None, model._get_state_sharding_spec()))
-    text = compiled.lower(state, batch).compile().as_text()
-    found = []
-    for result, kind in _COLLECTIVE.findall(text):
-        found.extend([shape, kind] for shape in _SHAPE.findall(result))
-    return sorted(found)
 
 
 def build(micro_batch_size, optimizer):
@@ -109,10 +82,10 @@ def run(name, distribution, samples, batch, micro, optimizer, epochs=2):
                 f"{micro},{OUTPUTS}",
             ],
             "remainder": batch % micro,
-            "collectives": _collectives_of(
+            "collectives": compiled_collectives(
                 in_step.train_step, in_step, distribution, (x[:batch], y[:batch])
             ),
-            "plain_collectives": _collectives_of(
+            "plain_collectives": compiled_collectives(
                 plain.train_step, plain, distribution, (x[:batch], y[:batch])
             ),
         }

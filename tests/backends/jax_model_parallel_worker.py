@@ -25,7 +25,6 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 
-import re  # noqa: E402
 
 import jax  # noqa: E402
 import keras  # noqa: E402
@@ -35,7 +34,7 @@ import accum_keras  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import distributed_state_machine  # noqa: E402
-from helpers import max_relative_difference  # noqa: E402
+from helpers import compiled_collectives, max_relative_difference  # noqa: E402
 
 K = 4
 MESH_SHAPE = (2, 4)
@@ -74,37 +73,6 @@ def layouts(model) -> dict:
     }
 
 
-# An HLO instruction ``%name = <result> <op>(...)``; XLA combines several
-# all-reduces into one with a tuple result.
-_COLLECTIVE = re.compile(
-    r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
-)
-_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
-
-
-def _collectives_of(step, model, distribution, batch) -> list:
-    """``(result shape, kind)`` of each collective in ``step`` compiled as Keras does.
-
-    As Keras' JAX trainer compiles its step: ``jax.jit`` with the state's
-    layouts as output shardings, on a batch laid out by the distribution.
-    """
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-    )
-    batch = jax.tree.map(
-        lambda a: jax.device_put(a, distribution.get_data_layout(a.shape).backend_layout), batch
-    )
-    compiled = jax.jit(step, out_shardings=(None, model._get_state_sharding_spec()))
-    text = compiled.lower(state, batch).compile().as_text()
-    found = []
-    for result, kind in _COLLECTIVE.findall(text):
-        found.extend([shape, kind] for shape in _SHAPE.findall(result))
-    return sorted(found)
-
-
 def collectives(accumulating, plain, distribution, batch) -> dict:
     """The collectives of plain Keras' step and of the accumulating model's two programs.
 
@@ -118,9 +86,9 @@ def collectives(accumulating, plain, distribution, batch) -> dict:
         return jax_backend.train_step(accumulating, state, data, may_apply=False)
 
     return {
-        "plain": _collectives_of(plain.train_step, plain, distribution, batch),
-        "accumulate": _collectives_of(accumulate, accumulating, distribution, batch),
-        "apply": _collectives_of(accumulating.train_step, accumulating, distribution, batch),
+        "plain": compiled_collectives(plain.train_step, plain, distribution, batch),
+        "accumulate": compiled_collectives(accumulate, accumulating, distribution, batch),
+        "apply": compiled_collectives(accumulating.train_step, accumulating, distribution, batch),
     }
 
 

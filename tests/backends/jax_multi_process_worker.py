@@ -17,7 +17,6 @@ collectives of its compiled train step (global batches of 12 and 16).
 
 import json
 import os
-import re
 import sys
 
 os.environ["KERAS_BACKEND"] = "jax"
@@ -33,16 +32,10 @@ import numpy as np  # noqa: E402
 import accum_keras  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import max_relative_difference  # noqa: E402
+from helpers import compiled_collectives, max_relative_difference  # noqa: E402
 
 PROCESSES, GLOBAL_MICRO, K, SAMPLES = 2, 8, 4, 60
 IN_STEP_BATCH, IN_STEP_MICRO = 16, 6
-
-# An HLO instruction ``%name = <result> <op>(...)`` (as in jax_in_step_worker.py).
-_COLLECTIVE = re.compile(
-    r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
-)
-_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
 
 
 def build(accumulation_steps=None, micro_batch_size=None):
@@ -71,24 +64,10 @@ def collectives_of(model, distribution, global_rows: int) -> list:
     Compiled for a global batch of ``global_rows`` rows laid out as
     ``distribution`` lays out its inputs (shapes only: no data is placed).
     """
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-    )
     batch = tuple(
-        jax.ShapeDtypeStruct(
-            shape, "float32", sharding=distribution.get_data_layout(shape).backend_layout
-        )
-        for shape in ((global_rows, 5), (global_rows, 1))
+        jax.ShapeDtypeStruct(shape, "float32") for shape in ((global_rows, 5), (global_rows, 1))
     )
-    compiled = jax.jit(model.train_step, out_shardings=(None, model._get_state_sharding_spec()))
-    text = compiled.lower(state, batch).compile().as_text()
-    found = []
-    for result, kind in _COLLECTIVE.findall(text):
-        found.extend([shape, kind] for shape in _SHAPE.findall(result))
-    return sorted(found)
+    return compiled_collectives(model.train_step, model, distribution, batch)
 
 
 def in_step(x, y, initial, process_id: int) -> dict:

@@ -185,6 +185,16 @@ def split_rows_by_shard(rows: np.ndarray, micro_batch_size: int, shards: int = 1
     return parts
 
 
+def full_jax_state(model) -> tuple:
+    """The state tuple Keras' JAX trainer hands ``train_step`` (every kind of variable)."""
+    return model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+
+
 # An HLO instruction ``%name = <result> <op>(...)``; XLA combines several
 # all-reduces into one with a tuple result.
 _COLLECTIVE = re.compile(
@@ -211,12 +221,7 @@ def compiled_collectives(step, model, distribution, batch) -> list:
     """
     import jax
 
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-    )
+    state = full_jax_state(model)
     # Shapes only: no data is placed (across processes, none could be).
     batch = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from helpers import (
     assert_same_training,
+    full_jax_state,
     functional_twins,
     regression_data,
     small_regression_layers,
@@ -45,12 +46,7 @@ def test_the_window_state_travels_with_the_optimizer_state_not_the_weights():
     }
     assert not any(id(v) in every_model_variable for v in window)
     # The state `fit()` threads through the compiled step carries it.
-    threaded = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-    )
+    threaded = full_jax_state(model)
     optimizer_list = threaded[2]
     assert len(optimizer_list) == len(model.optimizer.variables) + len(window) + 1
 
@@ -62,7 +58,7 @@ def test_the_optimizer_runs_only_in_the_update_branch():
     import jax
 
     model, _, x, y = fitted_model(samples=16, optimizer="adam")
-    state = _full_jax_state(model)
+    state = full_jax_state(model)
     jaxpr = jax.make_jaxpr(model.train_step)(state, (x[:MICRO], y[:MICRO]))
 
     def primitives(jaxpr, outside_cond):
@@ -113,16 +109,6 @@ def _in_step_twins(micro_batch_size):
     return in_step, plain
 
 
-def _full_jax_state(model):
-    """The state tuple Keras' JAX trainer hands ``train_step``."""
-    return model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-    )
-
-
 def _skip_unless_the_cpu_unrolls():
     import jax
 
@@ -171,7 +157,7 @@ def test_on_a_cpu_the_in_step_loop_is_unrolled_up_to_the_limit(monkeypatch, unro
     in_step, _ = _in_step_twins(micro_batch_size=2)
     x, y = regression_data(6)
     in_step.train_on_batch(x[:2], y[:2])  # builds the optimizer and window state
-    state = _full_jax_state(in_step)
+    state = full_jax_state(in_step)
     text = jax.jit(in_step.train_step).lower(state, (x, y)).compile().as_text()
     assert text.count(" while(") == loops
 
@@ -181,7 +167,7 @@ def _compiled_temp_bytes(model, x, y, compiler_options):
 
     model.compile(keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     model.train_on_batch(x[:4], y[:4])  # builds the optimizer and window state
-    state = _full_jax_state(model)
+    state = full_jax_state(model)
     step = jax.jit(model.train_step, compiler_options=compiler_options)
     return step.lower(state, (x, y)).compile().memory_analysis().temp_size_in_bytes
 

@@ -22,7 +22,9 @@ from accum_keras._config import check_accumulation_steps
 from accum_keras._model import AccumulatingModel, Model, copy_model_options
 
 
-def accumulate(model: keras.Model, accumulation_steps: int, **options: Any) -> keras.Model:
+def accumulate(
+    model: keras.Model, accumulation_steps: int | None = None, **options: Any
+) -> keras.Model:
     """Returns a model that trains ``model``'s weights with gradient accumulation.
 
     Args:
@@ -31,6 +33,8 @@ def accumulate(model: keras.Model, accumulation_steps: int, **options: Any) -> k
             `keras.models.load_model`). An accumulating model is returned
             itself, with ``accumulation_steps`` set.
         accumulation_steps: int >= 1, micro-batches per optimizer update.
+            None (the default): 1 for a new twin (e.g. with only
+            ``micro_batch_size``), unchanged for an accumulating model.
         **options: the twin's other model options (see `AccumulatingModel`:
             ``skip_nonfinite_updates``, ``accumulator_dtype``,
             ``micro_batch_size`` with ``accumulation_steps=1``); those not
@@ -65,6 +69,12 @@ def accumulate(model: keras.Model, accumulation_steps: int, **options: Any) -> k
     ```
     """
     _options.refuse_unknown(options, where="accumulate()")
+    if accumulation_steps is None:
+        accumulation_steps = (
+            model.accumulation_steps
+            if isinstance(model, AccumulatingModel)
+            else _options.defaults()["accumulation_steps"]
+        )
     steps = check_accumulation_steps(accumulation_steps)
     given = {
         option.name: option.check(options[option.name])

@@ -406,3 +406,14 @@ def test_the_split_follows_the_shards_only_when_they_divide_batch_and_micro_batc
     assert _split.aligned_shards(28, 8, 1) == 1
     with pytest.raises(ValueError, match="`shards` must be a positive int that divides"):
         _split.remainder_micro_batch((np.zeros((28, 3)),), 3, 8, 3)
+
+
+def test_accumulate_takes_micro_batch_size_alone():
+    # accumulate(model, micro_batch_size=m), as the in-step mode is written:
+    # a new twin's accumulation_steps is then 1, an accumulating model's kept.
+    inputs = keras.Input((3,))
+    plain = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    twin = accum_keras.accumulate(plain, micro_batch_size=2)
+    assert (twin.accumulation_steps, twin.micro_batch_size) == (1, 2)
+    streaming = accum_keras.Model(inputs, plain.outputs, accumulation_steps=4)
+    assert accum_keras.accumulate(streaming).accumulation_steps == 4
